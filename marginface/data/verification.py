@@ -1,0 +1,556 @@
+"""Verification pair sets: one in-memory form (`PairSet`) and readers for the formats in use.
+
+Formats:
+- insightface ``.bin`` (LFW, CFP-FP, AgeDB-30, ...): pickled ``(jpeg_list, issame_list)``, read
+  with a restricted unpickler because a pickle can run arbitrary code;
+- an LFW-style directory ``root/<name>/<name>_%04d.jpg`` with the official ``pairs.txt``;
+- a pairs CSV (``file_x,file_y[,Decision|same]``) with paths relative to the CSV;
+- pairs sampled from labelled images (`pairs_from_identities`).
+
+`PairList` is the image-less form of a CSV (paths + labels) for unaligned photos that a
+detection/alignment step must process before they can become a `PairSet`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from marginface.errors import UserError
+
+ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
+
+
+@dataclass
+class PairSet:
+    """Images plus the pairs to compare.
+
+    ``images``: ``N×H×W×3`` uint8 RGB, each distinct image once; ``pairs``: ``K×2`` int64 indices
+    into ``images``; ``issame``: ``K`` bool, or ``None`` for an unlabelled set (it can be scored
+    but not evaluated).
+    """
+
+    name: str
+    images: np.ndarray
+    pairs: np.ndarray
+    issame: Optional[np.ndarray]
+
+    def __post_init__(self) -> None:
+        images = np.asarray(self.images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"pair set {self.name!r}: images must be N×H×W×3 uint8, got {images.shape} {images.dtype}"
+            )
+        pairs = np.asarray(self.pairs)
+        if pairs.size == 0:
+            pairs = pairs.reshape(0, 2)
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+            raise ValueError(f"pair set {self.name!r}: pairs must be K×2 integers, got {pairs.shape} {pairs.dtype}")
+        if pairs.size and (pairs.min() < 0 or pairs.max() >= len(images)):
+            raise ValueError(f"pair set {self.name!r}: pair indices outside 0..{len(images) - 1}")
+        self.images = images
+        self.pairs = pairs.astype(np.int64, copy=False)
+        if self.issame is not None:
+            issame = np.asarray(self.issame).reshape(-1)
+            if issame.shape[0] != len(pairs):
+                raise ValueError(f"pair set {self.name!r}: {len(pairs)} pairs but {issame.shape[0]} labels")
+            if issame.dtype != np.bool_ and not np.isin(issame, (0, 1)).all():
+                raise ValueError(f"pair set {self.name!r}: issame must be booleans or 0/1")
+            self.issame = issame.astype(bool, copy=False)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def labelled(self) -> bool:
+        return self.issame is not None
+
+
+@dataclass
+class PairList:
+    """Pairs of image files (not read), e.g. unaligned photos for the detect-align-embed path."""
+
+    name: str
+    paths_a: list[Path]
+    paths_b: list[Path]
+    issame: Optional[np.ndarray]  # K bool, None = unlabelled
+
+    def __post_init__(self) -> None:
+        if len(self.paths_a) != len(self.paths_b):
+            raise ValueError(f"pair list {self.name!r}: {len(self.paths_a)} vs {len(self.paths_b)} paths")
+        if self.issame is not None and len(self.issame) != len(self.paths_a):
+            raise ValueError(f"pair list {self.name!r}: {len(self.paths_a)} pairs but {len(self.issame)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths_a)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _hw(image_size: ImageSize) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def resize_image(image: np.ndarray, image_size: Optional[ImageSize]) -> np.ndarray:
+    """Resize an RGB image to ``image_size`` if given and different (area filter when shrinking)."""
+    if image_size is None:
+        return image
+    height, width = _hw(image_size)
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def decode_image(data: np.ndarray) -> Optional[np.ndarray]:
+    """Encoded image bytes (uint8 array) -> RGB uint8 ``H×W×3``, or None if undecodable."""
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        return None
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as RGB uint8 (np.fromfile + imdecode also copes with non-ASCII paths)."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    image = decode_image(data)
+    if image is None:
+        raise UserError(f"{path}: not a decodable image")
+    return image
+
+
+def _stack_images(images: Sequence[np.ndarray], source: str, labels: Sequence[str]) -> np.ndarray:
+    """Stack equally sized images; name the first odd one out otherwise."""
+    if not images:
+        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    shape = images[0].shape
+    for image, label in zip(images, labels):
+        if image.shape != shape:
+            raise UserError(
+                f"{source}: {label} is {image.shape[1]}x{image.shape[0]} but the first image is "
+                f"{shape[1]}x{shape[0]}; pass image_size to resize them"
+            )
+    return np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# insightface .bin
+
+
+def _numpy_global(module: str, name: str):
+    """Resolve numpy's own pickling helpers without touching the deprecated numpy.core alias."""
+    for candidate in (module.replace("numpy.core", "numpy._core"), module):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"cannot resolve {module}.{name}")
+
+
+# (module, name) -> what these files may reference. Nothing here can run code: numpy array
+# reconstruction, dtype construction and bytes decoding of Python-3 written protocol-2 pickles.
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+_PLAIN_GLOBALS = {
+    ("_codecs", "encode"): __import__("_codecs").encode,
+    ("builtins", "bytearray"): bytearray,
+    ("__builtin__", "bytearray"): bytearray,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "frozenset"): frozenset,
+}
+
+
+class _RefusedGlobal(Exception):
+    pass
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickler that admits only the globals a verification .bin needs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_GLOBALS:
+            return _numpy_global(module, name)
+        if (module, name) in _PLAIN_GLOBALS:
+            return _PLAIN_GLOBALS[(module, name)]
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _as_encoded_bytes(item) -> Optional[np.ndarray]:
+    if isinstance(item, (bytes, bytearray)):
+        return np.frombuffer(bytes(item), dtype=np.uint8)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+        return item.reshape(-1)
+    return None
+
+
+def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, name: Optional[str] = None) -> PairSet:
+    """Read an insightface verification ``.bin``: images ``2i`` and ``2i+1`` form pair ``i``.
+
+    Identical encoded images are stored once (LFW repeats some), so ``images`` may be fewer than
+    ``2 * len(pairs)``. Images must share a size unless ``image_size`` is given.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            content = _BinUnpickler(file, encoding="bytes").load()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except _RefusedGlobal as exc:
+        raise UserError(
+            f"{path}: refuses to load global {exc} (a verification .bin holds only images and labels; "
+            "this pickle could run code)"
+        ) from None
+    except Exception as exc:  # truncated / corrupt pickles raise many exception types
+        raise UserError(f"{path}: not a readable verification .bin (truncated or not a pickle: {exc})") from None
+
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise UserError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
+    bins, issame_list = content
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame_list, (list, tuple, np.ndarray)):
+        raise UserError(f"{path}: expected (list of encoded images, list of bools), got "
+                        f"({type(bins).__name__}, {type(issame_list).__name__})")
+    if not bins:
+        raise UserError(f"{path}: holds no images")
+    if len(bins) % 2:
+        raise UserError(f"{path}: {len(bins)} images, an odd count; pairs need 2 images each")
+    if len(bins) != 2 * len(issame_list):
+        raise UserError(f"{path}: {len(bins)} images for {len(issame_list)} labels; expected 2 images per label")
+    try:
+        issame = np.array([bool(x) for x in issame_list], dtype=bool)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: issame list holds non-boolean values") from None
+
+    index_of: dict[bytes, int] = {}
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    flat_index = np.empty(len(bins), dtype=np.int64)
+    for i, item in enumerate(bins):
+        data = _as_encoded_bytes(item)
+        if data is None:
+            raise UserError(f"{path}: image {i} is a {type(item).__name__}, not encoded image bytes")
+        key = hashlib.blake2b(data.tobytes(), digest_size=16).digest()  # not the whole JPEG as key
+        if key not in index_of:
+            image = decode_image(data)
+            if image is None:
+                raise UserError(f"{path}: image {i} (pair {i // 2}) is not a decodable image")
+            index_of[key] = len(images)
+            images.append(resize_image(image, image_size))
+            labels.append(f"image {i}")
+        flat_index[i] = index_of[key]
+    return PairSet(
+        name=name or path.stem,
+        images=_stack_images(images, str(path), labels),
+        pairs=flat_index.reshape(-1, 2),
+        issame=issame,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LFW directory + pairs.txt
+
+
+def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
+    """Parse the official pairs.txt -> (line number, name1, n1, name2, n2) per pair."""
+    try:
+        lines = pairs_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{pairs_file}: cannot read ({exc})") from None
+    numbered = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise UserError(f"{pairs_file}: empty pairs file")
+    header_no, header = numbered[0]
+    try:
+        counts = [int(x) for x in header]
+    except ValueError:
+        counts = []
+    # "nfolds npairs" (View 2), or a single "npairs" (View 1 DevTrain/DevTest files).
+    if len(counts) == 2:
+        expected = counts[0] * 2 * counts[1]
+    elif len(counts) == 1:
+        expected = 2 * counts[0]
+    else:
+        raise UserError(f"{pairs_file}: line {header_no}: expected a header 'nfolds npairs', got {' '.join(header)!r}")
+
+    pairs = []
+    for line_no, fields in numbered[1:]:
+        try:
+            if len(fields) == 3:
+                name, n1, n2 = fields
+                pairs.append((line_no, name, int(n1), name, int(n2)))
+            elif len(fields) == 4:
+                name1, n1, name2, n2 = fields
+                pairs.append((line_no, name1, int(n1), name2, int(n2)))
+            else:
+                raise ValueError
+        except ValueError:
+            raise UserError(
+                f"{pairs_file}: line {line_no}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
+                f"got {' '.join(fields)!r}"
+            ) from None
+    if len(pairs) != expected:
+        raise UserError(f"{pairs_file}: header (line {header_no}) promises {expected} pairs, found {len(pairs)}")
+    return pairs
+
+
+def load_lfw_dir(
+    root: Union[str, Path],
+    pairs_file: Union[str, Path, None] = None,
+    image_size: Optional[ImageSize] = None,
+    name: Optional[str] = None,
+) -> PairSet:
+    """Read an LFW-layout directory with the official ``pairs.txt`` (default ``root/pairs.txt``).
+
+    Pairs keep the file's order, so consecutive folds match the official folds when
+    ``nfolds`` equals the header's fold count. Images are read as they are (no alignment).
+    """
+    root = Path(root)
+    pairs_path = Path(pairs_file) if pairs_file is not None else root / "pairs.txt"
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory")
+    if not pairs_path.is_file():
+        raise UserError(f"{pairs_path}: pairs file not found")
+    entries = _parse_lfw_pairs(pairs_path)
+
+    index_of: dict[Path, int] = {}
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    pairs = np.empty((len(entries), 2), dtype=np.int64)
+    issame = np.empty(len(entries), dtype=bool)
+    for k, (line_no, name1, n1, name2, n2) in enumerate(entries):
+        for j, (person, number) in enumerate(((name1, n1), (name2, n2))):
+            file = root / person / f"{person}_{number:04d}.jpg"
+            if file not in index_of:
+                if not file.is_file():
+                    raise UserError(f"{pairs_path}: line {line_no}: image {file} does not exist")
+                index_of[file] = len(images)
+                images.append(resize_image(read_image(file), image_size))
+                labels.append(str(file))
+            pairs[k, j] = index_of[file]
+        issame[k] = name1 == name2
+    return PairSet(
+        name=name or root.resolve().name,
+        images=_stack_images(images, str(root), labels),
+        pairs=pairs,
+        issame=issame,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs CSV
+
+_YES = {"yes", "y", "true", "1", "same"}
+_NO = {"no", "n", "false", "0", "different"}
+
+
+def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> PairList:
+    """Read a pairs CSV (``file_x,file_y`` and optionally ``Decision`` Yes/No or ``same`` 1/0)
+    into a `PairList` of paths resolved against the CSV's folder; images are not opened."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    reader.fieldnames = columns
+    missing = [c for c in ("file_x", "file_y") if c not in columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {columns}")
+    label_column = next((c for c in ("Decision", "same") if c in columns), None)
+
+    paths_a: list[Path] = []
+    paths_b: list[Path] = []
+    labels: list[bool] = []
+    for row in reader:
+        line_no = reader.line_num
+        file_x, file_y = (row.get("file_x") or "").strip(), (row.get("file_y") or "").strip()
+        if not file_x or not file_y:
+            raise UserError(f"{path}: line {line_no}: empty file_x or file_y")
+        paths_a.append(path.parent / file_x)
+        paths_b.append(path.parent / file_y)
+        if label_column is not None:
+            value = (row.get(label_column) or "").strip().lower()
+            if value not in _YES | _NO:
+                raise UserError(f"{path}: line {line_no}: {label_column} must be Yes/No or 1/0, got {value!r}")
+            labels.append(value in _YES)
+    if not paths_a:
+        raise UserError(f"{path}: no pairs")
+    issame = np.array(labels, dtype=bool) if label_column is not None else None
+    return PairList(name=name or path.stem, paths_a=paths_a, paths_b=paths_b, issame=issame)
+
+
+def load_pairs_csv(
+    path: Union[str, Path], image_size: Optional[ImageSize] = None, name: Optional[str] = None
+) -> PairSet:
+    """Read a pairs CSV and its (aligned) images into a `PairSet`; unlabelled CSVs give
+    ``issame=None``. For unaligned photos use `read_pair_list_csv` and the deploy pipeline."""
+    pair_list = read_pair_list_csv(path, name)
+    index_of: dict[Path, int] = {}
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    pairs = np.empty((len(pair_list), 2), dtype=np.int64)
+    for k, pair in enumerate(zip(pair_list.paths_a, pair_list.paths_b)):
+        for j, file in enumerate(pair):
+            key = file.resolve()
+            if key not in index_of:
+                if not file.is_file():
+                    raise UserError(f"{path}: pair {k + 1}: image {file} does not exist")
+                index_of[key] = len(images)
+                images.append(resize_image(read_image(file), image_size))
+                labels.append(str(file))
+            pairs[k, j] = index_of[key]
+    return PairSet(
+        name=pair_list.name,
+        images=_stack_images(images, str(path), labels),
+        pairs=pairs,
+        issame=pair_list.issame,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch and sampling
+
+
+def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None) -> PairSet:
+    """Load any supported pair set: ``.bin``, a directory with ``pairs.txt``, a pairs ``.txt``
+    (images beside it) or a ``.csv``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: pair set not found")
+    if path.is_dir():
+        if (path / "pairs.txt").is_file():
+            return load_lfw_dir(path, image_size=image_size)
+        raise UserError(f"{path}: directory has no pairs.txt; not an LFW-style pair set")
+    suffix = path.suffix.lower()
+    if suffix == ".bin":
+        return load_bin(path, image_size)
+    if suffix == ".csv":
+        return load_pairs_csv(path, image_size)
+    if suffix == ".txt":
+        return load_lfw_dir(path.parent, pairs_file=path, image_size=image_size)
+    raise UserError(f"{path}: unknown pair-set format (expected .bin, .csv, pairs .txt or an LFW directory)")
+
+
+def _sample_unique_pairs(rng: np.random.Generator, count: int, total: int, draw, enumerate_all) -> list[tuple[int, int]]:
+    """``count`` distinct unordered pairs out of ``total`` possible ones.
+
+    Rejection sampling while the pool is large; when most pairs are needed, enumerate them all
+    and choose (rejection would stall near exhaustion).
+    """
+    if count > total / 2:
+        everything = enumerate_all()
+        chosen = rng.choice(len(everything), size=count, replace=False)
+        return [everything[i] for i in chosen]
+    seen: set[tuple[int, int]] = set()
+    result = []
+    while len(result) < count:
+        a, b = draw()
+        key = (min(a, b), max(a, b))
+        if key not in seen:
+            seen.add(key)
+            result.append(key)
+    return result
+
+
+def pairs_from_identities(
+    images: np.ndarray,
+    labels: Sequence[int],
+    n_pairs: int,
+    seed: int = 0,
+    name: str = "identities",
+) -> PairSet:
+    """Sample a balanced, reproducible pair set from identity-labelled images.
+
+    ``n_pairs // 2`` same pairs (uniform over all distinct same-identity pairs) and the rest
+    different pairs (uniform over distinct cross-identity pairs), interleaved S, D, S, D... so
+    every consecutive fold of the k-fold protocol holds both classes. Only the images used are
+    kept.
+    """
+    images = np.asarray(images)
+    labels_arr = np.asarray(labels).reshape(-1)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be N×H×W×3 uint8, got {images.shape} {images.dtype}")
+    if len(labels_arr) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels_arr)} labels")
+    if n_pairs < 2:
+        raise UserError(f"pair sampling: n_pairs must be >= 2, got {n_pairs}")
+    identities, inverse, counts = np.unique(labels_arr, return_inverse=True, return_counts=True)
+    if len(identities) < 2:
+        raise UserError(f"pair sampling: need at least 2 identities, got {len(identities)}")
+    if counts.max() < 2:
+        raise UserError("pair sampling: no identity has 2 images, so no same pairs can be formed")
+
+    n_same, n_diff = n_pairs // 2, n_pairs - n_pairs // 2
+    members = [np.flatnonzero(inverse == c) for c in range(len(identities))]
+    same_per_identity = counts * (counts - 1) // 2
+    same_total = int(same_per_identity.sum())
+    diff_total = len(images) * (len(images) - 1) // 2 - same_total
+    if n_same > same_total or n_diff > diff_total:
+        raise UserError(
+            f"pair sampling: asked for {n_same} same + {n_diff} different pairs but only "
+            f"{same_total} same and {diff_total} different pairs exist"
+        )
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(same_per_identity)
+
+    def draw_same() -> tuple[int, int]:
+        # identity chosen with probability proportional to its number of same pairs
+        group = members[int(np.searchsorted(cumulative, rng.integers(same_total), side="right"))]
+        a, b = rng.choice(len(group), size=2, replace=False)
+        return int(group[a]), int(group[b])
+
+    def all_same() -> list[tuple[int, int]]:
+        return [(int(g[i]), int(g[j])) for g in members for i in range(len(g)) for j in range(i + 1, len(g))]
+
+    def draw_diff() -> tuple[int, int]:
+        while True:
+            a, b = rng.integers(len(images), size=2)
+            if inverse[a] != inverse[b]:
+                return int(a), int(b)
+
+    def all_diff() -> list[tuple[int, int]]:
+        return [(a, b) for a in range(len(images)) for b in range(a + 1, len(images)) if inverse[a] != inverse[b]]
+
+    same = _sample_unique_pairs(rng, n_same, same_total, draw_same, all_same)
+    diff = _sample_unique_pairs(rng, n_diff, diff_total, draw_diff, all_diff)
+
+    ordered, issame = [], []
+    for k in range(max(n_same, n_diff)):
+        for group, flag in ((same, True), (diff, False)):
+            if k < len(group):
+                ordered.append(group[k])
+                issame.append(flag)
+    used, remapped = np.unique(np.asarray(ordered, dtype=np.int64), return_inverse=True)
+    return PairSet(
+        name=name,
+        images=images[used],
+        pairs=remapped.reshape(-1, 2),
+        issame=np.asarray(issame, dtype=bool),
+    )

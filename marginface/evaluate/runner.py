@@ -1,0 +1,193 @@
+"""Embed pair-set images with a model and compute verification metrics (insightface protocol).
+
+The model is any callable mapping a normalised float ``N×3×H×W`` tensor to ``N×D`` embeddings:
+an ``nn.Module`` (put in eval mode for the call and restored afterwards) or e.g. an ONNX wrapper.
+It must already live on ``device``; only the inputs are moved. A tuple/list output counts by its
+first element (models that also return feature norms).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional, Union
+
+import cv2
+import numpy as np
+import torch
+
+from marginface.data.transforms import hflip, to_tensor
+from marginface.data.verification import PairSet
+from marginface.errors import UserError
+from marginface.evaluate.metrics import verification_metrics
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _target_hw(model: Model) -> Optional[tuple[int, int]]:
+    size = getattr(model, "input_size", None)
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _fit_to_model(images: np.ndarray, target: Optional[tuple[int, int]]) -> np.ndarray:
+    if target is None or images.shape[1:3] == target:
+        return images
+    height, width = target
+    return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in images])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Model):
+    """Eval mode for the duration (BN statistics, no dropout); the previous mode comes back."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: Union[str, torch.device], amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+
+
+def embed_views(
+    model: Model,
+    images_uint8: np.ndarray,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: Union[str, torch.device] = "cpu",
+    normalize: str = "arcface",
+    amp_dtype: Optional[torch.dtype] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Embeddings of the images and (with ``flip``) of their mirror images, each ``N×D`` float32."""
+    images = np.asarray(images_uint8)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected N×H×W×3 uint8 RGB images, got {images.shape} {images.dtype}")
+    if len(images) == 0:
+        raise ValueError("no images to embed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    target = _target_hw(model)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        out = model(to_tensor(batch, normalize).to(device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = torch.as_tensor(out)
+        if out.ndim != 2 or out.shape[0] != len(batch):
+            raise ValueError(f"model returned shape {tuple(out.shape)} for {len(batch)} images; expected N×D")
+        return out.float().cpu().numpy()
+
+    plain, mirrored = [], []
+    with _eval_mode(model), torch.inference_mode(), _autocast(device, amp_dtype):
+        for start in range(0, len(images), batch_size):
+            batch = _fit_to_model(images[start : start + batch_size], target)
+            plain.append(run(batch))
+            if flip:
+                mirrored.append(run(hflip(batch)))
+    return np.concatenate(plain), (np.concatenate(mirrored) if flip else None)
+
+
+def embed_images(
+    model: Model,
+    images_uint8: np.ndarray,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: Union[str, torch.device] = "cpu",
+    normalize: str = "arcface",
+    amp_dtype: Optional[torch.dtype] = None,
+) -> np.ndarray:
+    """``N×D`` float32 embeddings, not normalised; with ``flip`` the mirror image's embedding is
+    added (flip-sum, the field's test-time augmentation)."""
+    plain, mirrored = embed_views(
+        model, images_uint8, batch_size=batch_size, flip=flip, device=device,
+        normalize=normalize, amp_dtype=amp_dtype,
+    )
+    return plain if mirrored is None else plain + mirrored
+
+
+def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Row-wise unit vectors; all-zero rows stay zero (as sklearn's ``normalize``)."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.where(norms == 0, 1.0, norms)
+
+
+def pair_scores(unit_embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair ``(i, j)`` of rows of L2-normalised embeddings."""
+    return np.einsum("kd,kd->k", unit_embeddings[pairs[:, 0]], unit_embeddings[pairs[:, 1]])
+
+
+def score_pair_set(
+    model: Model,
+    pair_set: PairSet,
+    *,
+    flip: bool = True,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = "cpu",
+    normalize: str = "arcface",
+    amp_dtype: Optional[torch.dtype] = None,
+) -> tuple[np.ndarray, float]:
+    """Cosine score per pair and ``xnorm``.
+
+    ``xnorm`` is insightface's: the mean L2 norm of the per-view embeddings (original and, with
+    ``flip``, mirrored, each on its own, before the flip-sum). Embeddings are summed and
+    normalised in float64, as insightface does.
+    """
+    plain, mirrored = embed_views(
+        model, pair_set.images, batch_size=batch_size, flip=flip, device=device,
+        normalize=normalize, amp_dtype=amp_dtype,
+    )
+    views = [plain] if mirrored is None else [plain, mirrored]
+    xnorm = float(np.mean(np.concatenate([np.linalg.norm(v.astype(np.float64), axis=1) for v in views])))
+    summed = np.sum([v.astype(np.float64) for v in views], axis=0)
+    return pair_scores(l2_normalize(summed), pair_set.pairs), xnorm
+
+
+def evaluate_pair_set(
+    model: Model,
+    pair_set: PairSet,
+    *,
+    flip: bool = True,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = "cpu",
+    normalize: str = "arcface",
+    nfolds: int = 10,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict:
+    """`verification_metrics` of a labelled pair set plus ``xnorm`` and ``name``.
+
+    ``nfolds`` is lowered to the number of pairs when there are fewer pairs than folds (each fold
+    then holds one pair); the value used is reported as ``nfolds``.
+    """
+    if pair_set.issame is None:
+        raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
+    if len(pair_set) == 0:
+        raise UserError(f"pair set {pair_set.name!r} has no pairs")
+    scores, xnorm = score_pair_set(
+        model, pair_set, flip=flip, batch_size=batch_size, device=device,
+        normalize=normalize, amp_dtype=amp_dtype,
+    )
+    metrics = verification_metrics(scores, pair_set.issame, nfolds=min(nfolds, len(pair_set)))
+    metrics["xnorm"] = xnorm
+    metrics["name"] = pair_set.name
+    return metrics
+
+
+def evaluate_sets(model: Model, pair_sets: Iterable[PairSet], **kwargs) -> dict[str, dict]:
+    """`evaluate_pair_set` for each set, keyed by set name (names must be unique)."""
+    results: dict[str, dict] = {}
+    for pair_set in pair_sets:
+        if pair_set.name in results:
+            raise ValueError(f"two pair sets are named {pair_set.name!r}")
+        results[pair_set.name] = evaluate_pair_set(model, pair_set, **kwargs)
+    return results
