@@ -1,0 +1,339 @@
+"""Typed configuration: dataclasses, YAML/.py loading, dotted overrides, one-line errors.
+
+The defaults ARE the built-in synthetic recipe (``configs/synthetic_mbf.yaml`` spells them out),
+so ``marginface train`` with no arguments runs it. Every key is checked: an unknown key fails
+naming the nearest valid one, a value of the wrong type fails naming the key and the type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from marginface.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mbf"
+    embedding_size: int = 512
+    input_size: int = 64
+    width_mult: float = 0.5
+    dropout: float = 0.0
+    pretrained: Optional[str] = None  # local torchvision-format state_dict (resnet50)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    margin: str = "arcface"
+    params: dict = field(default_factory=dict)  # the margin's own parameters (s, m, ...): see docs/losses.md
+    sample_rate: float = 1.0  # Partial FC: fraction of negative classes per step (1.0 = every class)
+    num_subcenters: int = 1
+    focal_gamma: float = 0.0
+    center_weight: float = 0.0  # > 0 adds center loss (Wen et al. 2016)
+    center_lr: float = 0.5
+
+
+@dataclass
+class SyntheticConfig:
+    identities: int = 1000
+    images_per_identity: int = 20
+    val_identities: int = 300
+    val_images_per_identity: int = 6
+    val_pairs: int = 3000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"  # a path (RecordIO dir/.rec, image folder, list .txt) or "synthetic"
+    val: list = field(default_factory=lambda: ["synthetic"])  # pair sets: .bin, LFW dir, pairs .csv, "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    num_workers: int = 2
+    flip: bool = True
+    normalize: str = "arcface"
+    skip_bad_images: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    backbone_lr_scale: float = 1.0  # fine-tuning: the backbone learns at lr * scale
+    clip_grad_norm: float = 5.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "poly"  # poly | cosine | step | constant
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # used when warmup_steps is 0
+    power: float = 2.0  # poly
+    milestones: list = field(default_factory=list)  # step: fractions of training (0..1) or step numbers
+    gamma: float = 0.1  # step
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20.0
+    max_steps: Optional[int] = None  # stop after N steps; overrides epochs
+    batch_size: int = 128
+    grad_accum: int = 1
+    amp: str = "auto"  # auto | none | bf16 | fp16 (auto: bf16 on CPUs that have it, fp16 on CUDA)
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    freeze_backbone_epochs: float = 0.0
+    log_every: int = 20
+    checkpoint_every: int = 200  # steps; last.pt is also written at every eval and at the end
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0 = only at the end
+    flip: bool = True
+    batch_size: int = 256
+    best_metric: str = ""  # "<set>/<metric>", e.g. "lfw/accuracy" or "cfp_fp/tar@1e-3"; "" = first set's accuracy
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
+
+
+@dataclass
+class Config:
+    name: str = "synthetic_mbf"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with checking
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict (YAML/JSON-ready) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, prefix + f.name + ".")
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return UserError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``hint``; a clear error names the key."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key, where)
+    expect = origin or hint
+    bad = UserError(f"{where}config key '{key}' expects {getattr(expect, '__name__', expect)}, got {value!r}")
+    if expect is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise bad
+    if expect is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if expect is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if expect is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if expect is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # a single path given on the command line
+            return [value]
+        raise bad
+    if expect is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) nested dict; every key and type is checked."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown_key(full, where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, full + ".", where)
+        else:
+            kwargs[key] = _coerce(value, hint, full, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple:
+    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key=value (e.g. optim.lr=0.05)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _check_override_key(key: str) -> None:
+    """Dotted keys must exist, except below free-form dict fields such as ``head.params``."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise _unknown_key(key, "")
+        hint = hints[part]
+        if dataclasses.is_dataclass(hint):
+            cls = hint
+            continue
+        if hint is dict or typing.get_origin(hint) is dict:
+            return  # free-form below here; validated by its consumer (e.g. build_margin)
+        if i != len(parts) - 1:
+            raise _unknown_key(key, "")
+
+
+def read_config_file(path: str) -> dict:
+    """Load a YAML file, or a Python file defining ``config`` (a dict or a ``Config``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found")
+    if p.suffix == ".py":
+        try:
+            ns = runpy.run_path(str(p))
+        except Exception as exc:  # a user's Python file: report its failure on one line
+            raise UserError(f"{path}: failed to run config file: {exc}") from None
+        if "config" not in ns:
+            raise UserError(f"{path}: a Python config must define a variable named 'config'")
+        data = ns["config"]
+        return to_dict(data) if dataclasses.is_dataclass(data) else data
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of config sections")
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The resolved config: defaults <- file <- ``key=value`` overrides, then validated."""
+    data = read_config_file(path) if path else {}
+    where = f"{path}: " if path else ""
+    # check the file alone first so its errors name the file
+    from_dict(Config, data, where=where)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_override_key(key)
+        _set_dotted(data, key, value)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.train.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {cfg.train.batch_size}")
+    need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
+    need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.name in ("sgd", "adamw"), f"config key 'optim.name' must be sgd or adamw, got {cfg.optim.name!r}")
+    need(cfg.schedule.name in ("poly", "cosine", "step", "constant"),
+         f"config key 'schedule.name' must be poly, cosine, step or constant, got {cfg.schedule.name!r}")
+    need(cfg.train.amp in ("auto", "none", "bf16", "fp16"),
+         f"config key 'train.amp' must be auto, none, bf16 or fp16, got {cfg.train.amp!r}")
+    need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
+    need(cfg.model.input_size % 8 == 0 and cfg.model.input_size >= 16,
+         f"config key 'model.input_size' must be a multiple of 8 (>= 16), got {cfg.model.input_size}")
+    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+         f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
+    need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
+    # the margin checks its own parameters (names and values) and says which are valid
+    from marginface.heads import build_margin
+
+    build_margin(cfg.head.margin, **cfg.head.params)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

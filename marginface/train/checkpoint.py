@@ -1,0 +1,85 @@
+"""Atomic checkpoints: write a temp file, fsync, rename; load with torch's restricted unpickler.
+
+A crash (even SIGKILL) mid-write leaves the previous checkpoint intact: the rename is the commit.
+Loading uses ``weights_only=True`` so a checkpoint can hold tensors, numbers, strings and
+containers only; nothing in it can run code.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from marginface.errors import UserError
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable marginface checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path}: not a marginface checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def resolve_checkpoint(model_path: str, prefer: str = "best") -> Path:
+    """A run directory, a checkpoints directory or a .pt file -> the checkpoint file to use."""
+    p = Path(model_path)
+    if p.is_file():
+        return p
+    for cand in (p / "checkpoints" / f"{prefer}.pt", p / "checkpoints" / "last.pt", p / f"{prefer}.pt", p / "last.pt"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"{model_path}: no checkpoint found (expected a .pt file or a run directory with checkpoints/)")
+
+
+def load_backbone(model_path: str, prefer: str = "best"):
+    """The trained backbone of a run directory or checkpoint, in eval mode, on the CPU.
+
+    It carries ``input_size``, ``embedding_size`` and ``normalize`` (the input normalisation it
+    was trained with) so evaluation and deployment preprocess exactly as training did.
+    """
+    from marginface.config import Config, from_dict
+    from marginface.train.setup import build_model
+
+    path = resolve_checkpoint(model_path, prefer)
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
+    cfg.model.pretrained = None  # the checkpoint holds the weights; the original file may be gone
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit {cfg.model.backbone}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.normalize = cfg.data.normalize
+    model.checkpoint_path = str(path)
+    return model

@@ -1,0 +1,153 @@
+"""Build the pieces of a run from a Config: device, AMP dtype, data, backbone, head, optimizer.
+
+Each builder takes exactly the config sections it needs, so the library can be used piecewise.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from marginface.config import Config, DataConfig, HeadConfig, ModelConfig, OptimConfig
+from marginface.errors import UserError
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'train.device' is not a device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config key 'train.device' asks for {name} but CUDA is not available")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
+    return any(bool(c()) for c in checks if c is not None)
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.amp`` on ``device`` (None = plain fp32)."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("config key 'train.amp' = fp16 needs CUDA; use bf16 or none on CPU")
+        return torch.float16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The backbone; only non-default options are passed so every family accepts the call."""
+    from marginface.models import build_backbone
+
+    kw = {}
+    if cfg.width_mult != 1.0:
+        kw["width_mult"] = cfg.width_mult
+    if cfg.dropout:
+        kw["dropout"] = cfg.dropout
+    if cfg.pretrained:
+        kw["pretrained"] = cfg.pretrained
+    if cfg.gradient_checkpointing:
+        kw["gradient_checkpointing"] = True
+    return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.input_size, **kw)
+
+
+def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int) -> nn.Module:
+    from marginface.heads import Classifier, build_margin
+
+    margin = build_margin(cfg.margin, **cfg.params)
+    return Classifier(embedding_size, num_classes, margin, num_subcenters=cfg.num_subcenters,
+                      focal_gamma=cfg.focal_gamma)
+
+
+def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) -> Optional[nn.Module]:
+    if cfg.center_weight <= 0:
+        return None
+    from marginface.heads.center import CenterLoss
+
+    return CenterLoss(num_classes, embedding_size)
+
+
+def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, center: Optional[nn.Module],
+                    center_lr: float = 0.5, center_weight: float = 0.0) -> torch.optim.Optimizer:
+    """Param groups: backbone (lr x backbone_lr_scale), classifier (lr), center-loss centres.
+
+    The centres' gradient arrives scaled by ``center_weight``; their group uses
+    ``center_lr / center_weight`` so the centre update rate is ``center_lr`` as in Wen et al.
+
+    Each group remembers its base lr in ``initial_lr`` so the schedule can rescale it every step.
+    """
+    groups = [
+        {"params": [p for p in backbone.parameters()], "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
+        {"params": [p for p in head.parameters()], "lr": cfg.lr, "name": "head"},
+    ]
+    if center is not None:
+        groups.append({"params": list(center.parameters()), "lr": center_lr / max(center_weight, 1e-12),
+                       "weight_decay": 0.0, "name": "center"})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    foreach = True
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, foreach=foreach)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+
+
+def build_train_source(cfg: DataConfig, image_size: int):
+    """The training source named by ``data.train``: "synthetic" or a path (RecordIO, folder, list)."""
+    if cfg.train == "synthetic":
+        from marginface.data.synthetic import SyntheticSource
+
+        s = cfg.synthetic
+        return SyntheticSource(s.identities, s.images_per_identity, image_size=image_size, seed=s.seed)
+    from marginface.data.sources import open_source
+
+    return open_source(cfg.train)
+
+
+def build_val_sets(cfg: DataConfig, image_size: int) -> list:
+    """The verification pair sets named by ``data.val`` (``synthetic`` = held-out identities)."""
+    from marginface.data.verification import load_pair_set
+
+    sets = []
+    for spec in cfg.val:
+        if spec == "synthetic":
+            from marginface.data.synthetic import synthetic_pair_set
+
+            s = cfg.synthetic
+            sets.append(synthetic_pair_set(s.val_identities, s.val_images_per_identity, s.val_pairs,
+                                           image_size=image_size, seed=s.seed))
+        else:
+            sets.append(load_pair_set(spec, image_size=image_size))
+    names = [p.name for p in sets]
+    if len(set(names)) != len(names):
+        raise UserError(f"config key 'data.val' names two sets the same: {names}")
+    return sets
+
+
+def describe_run(cfg: Config) -> str:
+    return (f"{cfg.model.backbone} (emb {cfg.model.embedding_size}, {cfg.model.input_size}px) + "
+            f"{cfg.head.margin} on {cfg.data.train}")
