@@ -1,0 +1,24 @@
+"""Face detectors returning boxes + 5 landmarks for alignment: MTCNN and RetinaFace-MobileNet0.25."""
+from __future__ import annotations
+
+from typing import Any
+
+from marginface.data.detect.faces import Face
+from marginface.data.detect.mtcnn import MTCNNDetector
+from marginface.errors import UserError
+
+DETECTORS = ("mtcnn", "retinaface")
+
+
+def build_detector(name: str = "mtcnn", **kw: Any) -> Any:
+    """``mtcnn`` (weights via ``marginface data get-detector``) or ``retinaface`` (a local checkpoint)."""
+    if name == "mtcnn":
+        return MTCNNDetector(**kw)
+    if name == "retinaface":
+        from marginface.data.detect.retinaface import RetinaFaceDetector
+
+        return RetinaFaceDetector(**kw)
+    raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+
+
+__all__ = ["DETECTORS", "Face", "MTCNNDetector", "build_detector"]
