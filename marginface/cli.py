@@ -149,6 +149,36 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from marginface.data.tools import convert
+
+    info = convert(args.src, args.dst, image_size=args.size)
+    _print_json(info) if args.json else print(f"converted {args.src} -> {args.dst}: {info}")
+    return 0
+
+
+def cmd_data_align(args) -> int:
+    from marginface.data.detect import build_detector
+    from marginface.data.tools import align_folder
+
+    detector = build_detector(args.detector, **({"weights_dir": args.weights} if args.weights else {}))
+    info = align_folder(args.src, args.dst, detector, size=args.size)
+    if args.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_data_get_detector(args) -> int:
+    from marginface.data.detect.weights import fetch_mtcnn_weights
+
+    path = fetch_mtcnn_weights(args.cache_dir)
+    _print_json({"path": str(path)}) if args.json else print(f"MTCNN weights ready in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marginface", description="Train, evaluate and ship margin-softmax face recognition models.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
@@ -186,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_data_inspect)
+    c = dsub.add_parser("convert", help="folder/list -> RecordIO pack; RecordIO -> folder; .bin -> images + pairs.csv")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--size", type=int, help="resize images to SIZE x SIZE")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_data_convert)
+    a = dsub.add_parser("align", help="detect and align every photo under SRC into 112x112 crops under DST")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--detector", choices=["mtcnn", "retinaface"], default="mtcnn")
+    a.add_argument("--weights", help="detector weights directory (default: the cache filled by get-detector)")
+    a.add_argument("--size", type=int, default=112)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_data_align)
+    g = dsub.add_parser("get-detector", help="download the MTCNN weights (facenet-pytorch wheel via pip) into a cache")
+    g.add_argument("--cache-dir", help="default: ~/.cache/marginface/mtcnn")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_data_get_detector)
     return p
 
 

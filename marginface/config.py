@@ -76,7 +76,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "poly"  # poly | cosine | step | constant
-    warmup_steps: int = 0
+    warmup_steps: int = 50
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     power: float = 2.0  # poly
     milestones: list = field(default_factory=list)  # step: fractions of training (0..1) or step numbers
@@ -86,7 +86,7 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 20.0
+    epochs: float = 4.0
     max_steps: Optional[int] = None  # stop after N steps; overrides epochs
     batch_size: int = 128
     grad_accum: int = 1
@@ -104,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between evaluations; 0 = only at the end
+    every: int = 200  # steps between evaluations; 0 = only at the end
     flip: bool = True
     batch_size: int = 256
     best_metric: str = ""  # "<set>/<metric>", e.g. "lfw/accuracy" or "cfp_fp/tar@1e-3"; "" = first set's accuracy
