@@ -35,6 +35,8 @@ class HeadConfig:
     margin: str = "arcface"
     params: dict = field(default_factory=dict)  # the margin's own parameters (s, m, ...): see docs/losses.md
     sample_rate: float = 1.0  # Partial FC: fraction of negative classes per step (1.0 = every class)
+    shard_dtype: str = "fp32"  # Partial FC: storage of the classifier shard + its optimizer state (fp32 | bf16)
+    compute_dtype: str = "fp32"  # Partial FC: dtype of the cosine matmul (fp32 | fp16 | bf16)
     num_subcenters: int = 1
     focal_gamma: float = 0.0
     center_weight: float = 0.0  # > 0 adds center loss (Wen et al. 2016)
@@ -60,6 +62,7 @@ class DataConfig:
     flip: bool = True
     normalize: str = "arcface"
     skip_bad_images: bool = True
+    samples_per_identity: int = 0  # K > 0: batches of P identities x K images (pair losses); 0 = random
 
 
 @dataclass
@@ -324,15 +327,21 @@ def validate(cfg: Config) -> None:
     need(cfg.train.amp in ("auto", "none", "bf16", "fp16"),
          f"config key 'train.amp' must be auto, none, bf16 or fp16, got {cfg.train.amp!r}")
     need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
+    need(cfg.head.shard_dtype in ("fp32", "bf16"),
+         f"config key 'head.shard_dtype' must be fp32 or bf16, got {cfg.head.shard_dtype!r}")
+    need(cfg.head.compute_dtype in ("fp32", "fp16", "bf16"),
+         f"config key 'head.compute_dtype' must be fp32, fp16 or bf16, got {cfg.head.compute_dtype!r}")
     need(cfg.model.input_size % 8 == 0 and cfg.model.input_size >= 16,
          f"config key 'model.input_size' must be a multiple of 8 (>= 16), got {cfg.model.input_size}")
     need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
-    # the margin checks its own parameters (names and values) and says which are valid
-    from marginface.heads import build_margin
+    # the loss head checks its own parameters (names and values) and says which are valid
+    from marginface.heads import build_loss_head
 
-    build_margin(cfg.head.margin, **cfg.head.params)
+    build_loss_head(cfg.head.margin, 8, 2, cfg.head.params)
+    need(cfg.head.margin != "pair_bce" or cfg.data.samples_per_identity >= 2,
+         "head.margin = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -4,6 +4,8 @@ Epoch ``e`` visits a permutation seeded by ``(seed, e)``; step ``k`` takes slice
 steps_per_epoch`` of it (the last partial batch is dropped, as the field does). Flips are drawn
 per step from ``(seed, step)`` and applied to the uint8 batch, so they too survive a resume.
 With several ranks each rank takes its own contiguous part of every global batch.
+With ``identities_per_batch`` style sampling (``samples_per_identity`` K > 0) a global batch is
+P = batch/K identities x K images each, drawn from ``(seed, step)``: pair losses need positives.
 
 Two loaders share that order:
 - ``InMemoryBatches``: sources that hold their decoded images in one array (synthetic): a
@@ -22,7 +24,7 @@ class BatchOrder:
     """Indices and flip flags of every step, for one rank of ``world_size``."""
 
     def __init__(self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 flip: bool = True):
+                 flip: bool = True, labels: np.ndarray | None = None, samples_per_identity: int = 0):
         self.num_images = num_images
         self.global_batch = batch_size * world_size
         if num_images < self.global_batch:
@@ -34,6 +36,25 @@ class BatchOrder:
         self.steps_per_epoch = num_images // self.global_batch
         self._perm_epoch = -1
         self._perm = np.empty(0, np.int64)
+        self.samples_per_identity = samples_per_identity
+        if samples_per_identity:
+            if labels is None or self.global_batch % samples_per_identity:
+                raise ValueError(f"P x K batches need labels and a global batch ({self.global_batch}) divisible "
+                                 f"by samples_per_identity ({samples_per_identity})")
+            order = np.argsort(labels, kind="stable")
+            classes, starts = np.unique(np.asarray(labels)[order], return_index=True)
+            if len(classes) < self.global_batch // samples_per_identity:
+                raise ValueError(f"{len(classes)} identities are fewer than the "
+                                 f"{self.global_batch // samples_per_identity} a P x K batch needs")
+            self._by_identity = np.split(order, starts[1:])
+
+    def _pk_batch(self, step: int) -> np.ndarray:
+        """P random identities x K random images of each (with repeats when an identity has fewer)."""
+        rng = np.random.default_rng([self.seed, step, 9])
+        k = self.samples_per_identity
+        chosen = rng.choice(len(self._by_identity), self.global_batch // k, replace=False)
+        picks = [rng.choice(self._by_identity[c], k, replace=len(self._by_identity[c]) < k) for c in chosen]
+        return np.concatenate(picks)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -43,9 +64,12 @@ class BatchOrder:
 
     def step(self, step: int) -> tuple:
         """(indices, flip mask) of this rank's share of global step ``step``."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        start = k * self.global_batch + self.rank * self.batch_size
-        idx = self._permutation(epoch)[start:start + self.batch_size]
+        if self.samples_per_identity:
+            idx = self._pk_batch(step)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        else:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            start = k * self.global_batch + self.rank * self.batch_size
+            idx = self._permutation(epoch)[start:start + self.batch_size]
         if self.flip:
             flips = np.random.default_rng([self.seed, step, 5]).random(self.global_batch)
             flips = flips[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] < 0.5

@@ -75,12 +75,30 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.input_size, **kw)
 
 
-def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int) -> nn.Module:
-    from marginface.heads import Classifier, build_margin
+def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0,
+                     world_size: int = 1, seed: int = 0) -> nn.Module:
+    """The loss head: a margin classifier (``head.margin`` = arcface, ...) or the pair loss (pair_bce).
 
-    margin = build_margin(cfg.margin, **cfg.params)
-    return Classifier(embedding_size, num_classes, margin, num_subcenters=cfg.num_subcenters,
-                      focal_gamma=cfg.focal_gamma)
+    Under torchrun (``world_size`` > 1), with ``head.sample_rate`` < 1 or a non-fp32
+    ``head.shard_dtype`` / ``head.compute_dtype`` the classifier is Partial FC (rank ``rank``'s
+    shard; see marginface.heads.partial_fc); otherwise the single-process full FC.
+    """
+    from marginface.heads import build_loss_head, build_margin
+    from marginface.heads.margins import MARGINS
+
+    pfc = (world_size > 1 or cfg.sample_rate < 1.0 or cfg.shard_dtype != "fp32" or cfg.compute_dtype != "fp32")
+    if pfc and cfg.margin in MARGINS:
+        from marginface.heads.partial_fc import PartialFC
+
+        return PartialFC(embedding_size, num_classes, build_margin(cfg.margin, **cfg.params),
+                         sample_rate=cfg.sample_rate, num_subcenters=cfg.num_subcenters,
+                         focal_gamma=cfg.focal_gamma, rank=rank, world_size=world_size, seed=seed,
+                         shard_dtype=cfg.shard_dtype, compute_dtype=cfg.compute_dtype)
+    if world_size > 1:
+        raise UserError(f"head.margin={cfg.margin!r} is not a margin classifier; distributed training "
+                        "(torchrun) shards a margin classifier (Partial FC) and supports only those")
+    return build_loss_head(cfg.margin, embedding_size, num_classes, cfg.params,
+                           num_subcenters=cfg.num_subcenters, focal_gamma=cfg.focal_gamma)
 
 
 def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) -> Optional[nn.Module]:

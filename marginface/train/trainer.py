@@ -6,6 +6,7 @@ report.json; it is everything needed to reproduce or resume the run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -18,7 +19,7 @@ from torch import nn
 
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.train import setup
+from marginface.train import distributed, setup
 from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, save_atomic
 from marginface.train.loggers import RunLogger, format_table
@@ -57,6 +58,9 @@ class Trainer:
         self.resume = resume
         self.console = console
         self.device = setup.resolve_device(cfg.train.device)
+        # under torchrun: join the process group (NCCL on CUDA, gloo on CPU); else a single process
+        self.dist = distributed.init_from_env(self.device)
+        self.device = distributed.device_for(self.device, self.dist)
         self.amp_dtype = setup.resolve_amp(cfg.train.amp, self.device)
         self._stop_signal: Optional[int] = None
 
@@ -65,7 +69,10 @@ class Trainer:
         self.source = setup.build_train_source(cfg.data, size)
         self.val_sets = setup.build_val_sets(cfg.data, size)
         self.backbone = setup.build_model(cfg.model).to(self.device)
-        self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes).to(self.device)
+        self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes,
+                                           rank=self.dist.rank, world_size=self.dist.world_size,
+                                           seed=cfg.train.seed).to(self.device)
+        self.sharded_head = hasattr(self.head, "class_range")  # Partial FC: checkpoints hold per-rank shards
         self.center = setup.build_center_loss(cfg.head, cfg.model.embedding_size, self.source.num_classes)
         if self.center is not None:
             self.center.to(self.device)
@@ -75,10 +82,18 @@ class Trainer:
                                                cfg.head.center_lr, cfg.head.center_weight)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.forward_backbone = torch.compile(self.backbone) if cfg.train.compile else self.backbone
+        attach = getattr(self.head, "attach_optimizer", None)
+        if attach is not None:  # Partial FC with sampling: the optimizer updates only the sampled rows
+            attach(self.optimizer)
+        # DDP sums (not averages) the backbone gradients: each rank back-propagates its part of the global loss
+        self.ddp = distributed.wrap_ddp(self.backbone, self.device) if self.dist.enabled else self.backbone
+        self.forward_backbone = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self._frozen = False
 
         micro = cfg.train.batch_size
-        self.order = BatchOrder(len(self.source), micro, cfg.train.seed, flip=cfg.data.flip)
+        self.order = BatchOrder(len(self.source), micro, cfg.train.seed, rank=self.dist.rank,
+                                world_size=self.dist.world_size, flip=cfg.data.flip, labels=self.source.labels,
+                                samples_per_identity=cfg.data.samples_per_identity)
         self.steps_per_epoch = max(self.order.steps_per_epoch // cfg.train.grad_accum, 1)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.freeze_steps = int(round(cfg.train.freeze_backbone_epochs * self.steps_per_epoch))
@@ -116,6 +131,19 @@ class Trainer:
         return {"backbone": m.backbone, "params": count_parameters(self.backbone), "embedding_size": m.embedding_size,
                 "input_size": m.input_size, "width_mult": m.width_mult, "num_classes": self.source.num_classes}
 
+    def _classifier_memory_line(self) -> str:
+        """The start-up line: the classifier's memory on this rank (weights + grad + optimizer state + logits)."""
+        from marginface.heads.partial_fc import classifier_memory, describe_memory
+
+        o = self.cfg.optim
+        states = 2 if o.name == "adamw" else (1 if o.momentum > 0 else 0)
+        batch = self.cfg.train.batch_size * self.dist.world_size
+        weight = getattr(self.head, "weight", None)
+        report = classifier_memory(self.source.num_classes, self.cfg.model.embedding_size, self.dist.world_size,
+                                   batch, self.cfg.head.sample_rate, self.cfg.head.num_subcenters,
+                                   weight.element_size() if weight is not None else 4, states, rank=self.dist.rank)
+        return describe_memory(report, batch)
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         return {
@@ -140,17 +168,25 @@ class Trainer:
         }
 
     def save(self, name: str = "last") -> Path:
+        """Write checkpoints/{name}.pt; collective under torchrun (each rank writes its classifier shard)."""
         path = self.ckpt_dir / f"{name}.pt"
+        if self.sharded_head:
+            return distributed.save_sharded(self.state() if self.dist.is_main else {}, self.head, self.optimizer,
+                                            self.ckpt_dir, name, self.step)
         save_atomic(self.state(), path)
         return path
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         self.backbone.load_state_dict(ckpt["model"])
-        self.head.load_state_dict(ckpt["head"])
+        if self.sharded_head or distributed.is_sharded(ckpt):
+            # this rank's classes from any world size's checkpoint (re-shard), with their optimizer state
+            distributed.load_head(self.head, self.optimizer, ckpt, path)
+        else:
+            self.head.load_state_dict(ckpt["head"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.center is not None and ckpt.get("center") is not None:
             self.center.load_state_dict(ckpt["center"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.images_seen = int(ckpt.get("images_seen", 0))
@@ -174,6 +210,7 @@ class Trainer:
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
         self.backbone.train(not frozen)  # frozen: BatchNorm statistics stay as loaded
+        self._frozen = frozen  # a frozen backbone bypasses DDP (no gradients to reduce)
 
     def _forward_loss(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple:
         from marginface.data.dataset import normalize_batch
@@ -183,29 +220,49 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            emb = self.forward_backbone(x)
+            emb = (self.backbone if self._frozen and self.dist.enabled else self.forward_backbone)(x)
         emb = emb.float()
         out = self.head(emb, labels)
         loss = out.loss
         if self.center is not None:
-            loss = loss + self.cfg.head.center_weight * self.center(emb, labels)
+            center = self.center(emb, labels)  # on this rank's images: its value is averaged over ranks
+            loss = loss + self.cfg.head.center_weight * distributed.mean_over_ranks(center)
         return loss, out.stats
 
     def _train_step(self, micro_batches: list) -> tuple:
         """Forward/backward over the micro-batches of one optimizer step; returns (loss, stats, ok)."""
         self.optimizer.zero_grad(set_to_none=True)
+        begin = getattr(self.head, "begin_step", None)
+        if begin is not None:
+            begin(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
         total, stats = 0.0, {}
         accum = len(micro_batches)
-        for images, labels in micro_batches:
-            loss, stats = self._forward_loss(images, labels)
-            if not torch.isfinite(loss):
-                return float("nan"), stats, False
-            self.scaler.scale(loss / accum).backward()
+        for i, (images, labels) in enumerate(micro_batches):
+            # DDP: reduce gradients only after the last micro-batch
+            skip_sync = self.dist.enabled and not self._frozen and i < accum - 1
+            with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
+                loss, stats = self._forward_loss(images, labels)
+                bad = not bool(torch.isfinite(loss))
+                if distributed.any_rank(bad) if self.dist.enabled else bad:  # every rank skips together
+                    return float("nan"), stats, False
+                self.scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+        max_norm = clip if clip > 0 else float("inf")
+        if self.dist.enabled:
+            if self.center is not None:
+                distributed.all_reduce_grads_(self.center.parameters())
+            sharded = [p for p in self.head.parameters() if p.grad is not None]
+            replicated = [p for p in params if not any(p is q for q in sharded)]
+            norm = distributed.clip_grad_norm(replicated, sharded, max_norm)  # the global norm, on every rank
+            if not torch.isfinite(norm) and self.scaler.is_enabled():
+                # an overflow on any rank: all skip and back off alike (ranks' scalers must not diverge)
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                return total, stats, True
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
             return total, stats, False  # skip: an fp16 scaler handles its own overflow steps
         self.scaler.step(self.optimizer)
@@ -224,6 +281,12 @@ class Trainer:
                                                  normalize=self.cfg.data.normalize)
         self.backbone.train(was_training)
         return results
+
+    def _evaluate_on_main(self) -> dict:
+        """Rank 0 evaluates (the plain backbone: no collectives inside) while the others wait in the
+        broadcast of its results; every rank then takes the same best/early-stop decisions."""
+        results = self.evaluate() if self.dist.is_main else None
+        return distributed.broadcast_object(results)
 
     def _after_eval(self, results: dict) -> bool:
         """Log, keep the best checkpoint; returns True when early stopping says stop."""
@@ -262,8 +325,11 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if self.resume and last.is_file():
             self.load(last)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console)
+        if self.dist.is_main:  # rank 0 owns the run directory's files; the others log nowhere
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console)
+        else:
+            self.logger = distributed.NullLogger()
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._on_signal)
@@ -274,6 +340,7 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
             self.logger.close()
+            distributed.shutdown(self.dist)
 
     def _loop(self) -> None:
         cfg = self.cfg
@@ -282,6 +349,11 @@ class Trainer:
         log.message(f"run {self.run_dir}: {setup.describe_run(cfg)}; {self.source.describe()}; "
                     f"{info['params'] / 1e6:.2f}M params; {self.total_steps} steps of {cfg.train.batch_size * cfg.train.grad_accum}"
                     f" ({self.steps_per_epoch} per epoch); device {self.device}, amp {self.amp_dtype or 'off'}")
+        world = self.dist.world_size
+        if world > 1:
+            log.message(f"distributed: {world} ranks ({self.dist.backend}), global batch "
+                        f"{cfg.train.batch_size * world * cfg.train.grad_accum}")
+        log.message(self._classifier_memory_line())
         if self.step >= self.total_steps:
             log.message(f"already at step {self.step} of {self.total_steps}: nothing to train")
             return
@@ -306,7 +378,7 @@ class Trainer:
             loss, stats, ok = self._train_step(micro)
             self.train_seconds += time.time() - t0
             self.step += 1
-            self.images_seen += sum(len(m[1]) for m in micro)
+            self.images_seen += sum(len(m[1]) for m in micro) * self.dist.world_size
             if ok:
                 bad_in_a_row = 0
             else:
@@ -324,7 +396,8 @@ class Trainer:
                         f"(step {self.step}) is saved in {path}; lower optim.lr or set train.amp=none")
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 now = time.time()
-                ips = (self.step - step_log) * cfg.train.batch_size * cfg.train.grad_accum / max(now - t_log, 1e-9)
+                ips = ((self.step - step_log) * cfg.train.batch_size * cfg.train.grad_accum * self.dist.world_size
+                       / max(now - t_log, 1e-9))
                 eta = (self.total_steps - self.step) * (now - t_log) / max(self.step - step_log, 1)
                 values = {"loss": loss, "lr": lr, "images_per_second": ips, **stats}
                 log.record("train", self.step, values)
@@ -333,15 +406,16 @@ class Trainer:
                 t_log, step_log = now, self.step
             stop = False
             if every_eval and self.step % every_eval == 0 and self.step < self.total_steps:
-                stop = self._after_eval(self.evaluate())
+                stop = self._after_eval(self._evaluate_on_main())
                 if stop:
                     log.message(f"early stopping: no improvement in {cfg.eval.early_stop_patience} evaluations")
             elif self.step % cfg.train.checkpoint_every == 0:
                 self.save("last")
-            if self._stop_signal is not None:
-                path = self.save("last")
-                log.message(f"received signal {self._stop_signal}: saved {path} at step {self.step}; "
-                            f"re-run with --resume to continue")
+            # under torchrun a signal on any rank stops every rank after this same step (all-reduced flag)
+            if distributed.any_rank(self._stop_signal is not None):
+                path = self.save("last")  # collective: every rank's shard, then rank 0 commits last.pt
+                log.message(f"received signal {self._stop_signal or 'on another rank'}: saved {path} at step "
+                            f"{self.step}; re-run with --resume to continue")
                 raise KeyboardInterrupt
             if stop:
                 self.total_steps = self.step
@@ -350,7 +424,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         if self.val_sets and self.last_eval_step != self.step:
-            self._after_eval(self.evaluate())
+            self._after_eval(self._evaluate_on_main())
         else:
             self.save("last")
         wall = self.wall_before + (time.time() - self._t_start)
@@ -364,9 +438,14 @@ class Trainer:
                       "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none"},
             "model": self.model_info(),
         }
+        if not self.dist.is_main:
+            return report
         tmp = self.run_dir / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(self.run_dir / "report.json")
+        from marginface.evaluate.report import write_report
+
+        write_report(self.run_dir, report)  # report.md and the ROC plot beside report.json
         if self.console:
             print("\n" + format_table(self.last_eval), flush=True)
         return report

@@ -22,14 +22,14 @@ _BASE_M = {"softmax": 0.0, "cosface": 0.35, "arcface": 0.5}
 class SVSoftmax(Margin):
     """Support-vector guided softmax (see module doc); t = 1 reduces it to its base margin.
 
-    Params: ``s`` = 64.0, ``t`` = 1.2 (>= 1), ``base`` = "softmax" | "cosface" | "arcface",
+    Params: ``s`` = 32.0 (as MV-/SV-Softmax implementations use; the paper fixes no value), ``t`` = 1.2 (>= 1), ``base`` = "softmax" | "cosface" | "arcface",
     ``m`` = the base's margin (default 0.35 for cosface, 0.5 for arcface; not allowed with
     softmax). The ArcFace base uses insightface's fallback past theta + m > pi.
     """
 
     name = "sv_softmax"
 
-    def __init__(self, s: float = 64.0, t: float = 1.2, base: str = "softmax",
+    def __init__(self, s: float = 32.0, t: float = 1.2, base: str = "softmax",
                  m: Optional[float] = None) -> None:
         super().__init__(check_scale(self.name, s))
         self.t = check_number(self.name, "t", t, low=1.0)
