@@ -63,6 +63,8 @@ class DataConfig:
     normalize: str = "arcface"
     skip_bad_images: bool = True
     samples_per_identity: int = 0  # K > 0: batches of P identities x K images (pair losses); 0 = random
+    val_sample_pairs: int = 2000  # an identity folder in data.val: sample this many balanced pairs from it
+    val_align: str = "auto"  # LFW dirs: auto = landmarks.txt if present, else as is; detect = MTCNN + align
 
 
 @dataclass
@@ -324,6 +326,8 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.name in ("sgd", "adamw"), f"config key 'optim.name' must be sgd or adamw, got {cfg.optim.name!r}")
     need(cfg.schedule.name in ("poly", "cosine", "step", "constant"),
          f"config key 'schedule.name' must be poly, cosine, step or constant, got {cfg.schedule.name!r}")
+    need(cfg.data.val_align in ("auto", "detect"),
+         f"config key 'data.val_align' must be auto or detect, got {cfg.data.val_align!r}")
     need(cfg.train.amp in ("auto", "none", "bf16", "fp16"),
          f"config key 'train.amp' must be auto, none, bf16 or fp16, got {cfg.train.amp!r}")
     need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")

@@ -319,16 +319,61 @@ def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
     return pairs
 
 
+def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
+    """``relative/path.jpg x1 y1 ... x5 y5`` per line (the seed projects' LFW landmark file) ->
+    {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner."""
+    path = Path(path)
+    out: dict[str, np.ndarray] = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.replace(",", " ").split()
+        if not fields:
+            continue
+        if len(fields) != 11:
+            raise UserError(f"{path}: line {line_no}: expected an image path and 10 numbers, got {len(fields)} fields")
+        try:
+            out[fields[0]] = np.asarray([float(v) for v in fields[1:]], np.float32).reshape(5, 2)
+        except ValueError:
+            raise UserError(f"{path}: line {line_no}: landmark values must be numbers") from None
+    return out
+
+
+def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size: Optional[ImageSize]):
+    """image, relative path, file -> the face crop: by landmark file, by detector, or resized as is."""
+    from marginface.data.align import align_face
+
+    size = image_size or 112
+    points = read_landmarks_file(landmarks) if landmarks else None
+
+    def prepare(image: np.ndarray, rel: str, file: Path) -> np.ndarray:
+        if points is not None:
+            if rel not in points:
+                raise UserError(f"{landmarks}: no landmarks for {rel}")
+            return align_face(image, points[rel], size)
+        if detector is not None:
+            faces = detector.detect(image)
+            if not faces:
+                raise UserError(f"{file}: no face found to align (give a landmarks file instead)")
+            return align_face(image, faces[0].landmarks, size)
+        return resize_image(image, image_size)
+
+    return prepare
+
+
 def load_lfw_dir(
     root: Union[str, Path],
     pairs_file: Union[str, Path, None] = None,
     image_size: Optional[ImageSize] = None,
     name: Optional[str] = None,
+    landmarks: Union[str, Path, None] = None,
+    detector=None,
 ) -> PairSet:
     """Read an LFW-layout directory with the official ``pairs.txt`` (default ``root/pairs.txt``).
 
     Pairs keep the file's order, so consecutive folds match the official folds when
-    ``nfolds`` equals the header's fold count. Images are read as they are (no alignment).
+    ``nfolds`` equals the header's fold count. Faces are aligned to the ArcFace template from a
+    landmark file (``landmarks``, default ``root/landmarks.txt`` when present), else by
+    ``detector`` (an object with ``detect(rgb) -> faces``, largest first) when given, else read
+    as they are (already aligned crops) and resized to ``image_size``.
     """
     root = Path(root)
     pairs_path = Path(pairs_file) if pairs_file is not None else root / "pairs.txt"
@@ -336,6 +381,9 @@ def load_lfw_dir(
         raise UserError(f"{root}: not a directory")
     if not pairs_path.is_file():
         raise UserError(f"{pairs_path}: pairs file not found")
+    if landmarks is None and (root / "landmarks.txt").is_file():
+        landmarks = root / "landmarks.txt"
+    prepare = _aligner(root, landmarks, detector, image_size)
     entries = _parse_lfw_pairs(pairs_path)
 
     index_of: dict[Path, int] = {}
@@ -350,7 +398,7 @@ def load_lfw_dir(
                 if not file.is_file():
                     raise UserError(f"{pairs_path}: line {line_no}: image {file} does not exist")
                 index_of[file] = len(images)
-                images.append(resize_image(read_image(file), image_size))
+                images.append(prepare(read_image(file), f"{person}/{file.name}", file))
                 labels.append(str(file))
             pairs[k, j] = index_of[file]
         issame[k] = name1 == name2
@@ -438,16 +486,22 @@ def load_pairs_csv(
 # dispatch and sampling
 
 
-def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None) -> PairSet:
-    """Load any supported pair set: ``.bin``, a directory with ``pairs.txt``, a pairs ``.txt``
-    (images beside it) or a ``.csv``."""
+def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None, *, detector=None,
+                  sample_pairs: int = 0, seed: int = 0) -> PairSet:
+    """Load any supported pair set: ``.bin``, a directory with ``pairs.txt`` (LFW layout; aligned
+    by its ``landmarks.txt`` or ``detector`` when given), a pairs ``.txt`` (images beside it), a
+    ``.csv``, or with ``sample_pairs`` > 0 an identity folder (``root/<identity>/*.jpg``) from which
+    that many balanced pairs are sampled (seeded), the seed FaceID projects' validation."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: pair set not found")
     if path.is_dir():
         if (path / "pairs.txt").is_file():
-            return load_lfw_dir(path, image_size=image_size)
-        raise UserError(f"{path}: directory has no pairs.txt; not an LFW-style pair set")
+            return load_lfw_dir(path, image_size=image_size, detector=detector)
+        if sample_pairs > 0:
+            return _sampled_folder_pairs(path, image_size, sample_pairs, seed)
+        raise UserError(f"{path}: directory has no pairs.txt; not an LFW-style pair set "
+                        "(to sample pairs from an identity folder, set data.val_sample_pairs)")
     suffix = path.suffix.lower()
     if suffix == ".bin":
         return load_bin(path, image_size)
@@ -456,6 +510,15 @@ def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None
     if suffix == ".txt":
         return load_lfw_dir(path.parent, pairs_file=path, image_size=image_size)
     raise UserError(f"{path}: unknown pair-set format (expected .bin, .csv, pairs .txt or an LFW directory)")
+
+
+def _sampled_folder_pairs(root: Path, image_size: Optional[ImageSize], n_pairs: int, seed: int) -> PairSet:
+    from marginface.data.sources import FolderSource
+
+    src = FolderSource(root)
+    images = [resize_image(src.read(i), image_size) for i in range(len(src))]
+    return pairs_from_identities(_stack_images(images, str(root), [str(i) for i in range(len(images))]),
+                                 src.labels, n_pairs, seed, name=root.resolve().name)
 
 
 def _sample_unique_pairs(rng: np.random.Generator, count: int, total: int, draw, enumerate_all) -> list[tuple[int, int]]:
