@@ -97,6 +97,7 @@ class TrainConfig:
     grad_accum: int = 1
     amp: str = "auto"  # auto | none | bf16 | fp16 (auto: bf16 on CPUs that have it, fp16 on CUDA)
     channels_last: bool = True
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0

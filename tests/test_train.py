@@ -59,7 +59,7 @@ def test_run_directory_holds_everything(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     torch.set_num_threads(1)
     # a constant schedule, so stopping at step 3 (instead of being killed there) changes no learning rate
-    common = ("data.val=[]", "schedule.name=constant")
+    common = ("data.val=[]", "schedule.name=constant", "schedule.warmup_steps=0")
     straight = Trainer(tiny("train.max_steps=6", *common), tmp_path / "a", console=False)
     straight.fit()
     Trainer(tiny("train.max_steps=3", *common), tmp_path / "b", console=False).fit()

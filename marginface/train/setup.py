@@ -150,6 +150,11 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
     """The verification pair sets named by ``data.val`` (``synthetic`` = held-out identities)."""
     from marginface.data.verification import load_pair_set
 
+    detector = None
+    if cfg.val_align == "detect":
+        from marginface.data.detect import build_detector
+
+        detector = build_detector("mtcnn")
     sets = []
     for spec in cfg.val:
         if spec == "synthetic":
@@ -159,7 +164,8 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
             sets.append(synthetic_pair_set(s.val_identities, s.val_images_per_identity, s.val_pairs,
                                            image_size=image_size, seed=s.seed))
         else:
-            sets.append(load_pair_set(spec, image_size=image_size))
+            sets.append(load_pair_set(spec, image_size=image_size, detector=detector,
+                                      sample_pairs=cfg.val_sample_pairs, seed=cfg.synthetic.seed))
     names = [p.name for p in sets]
     if len(set(names)) != len(names):
         raise UserError(f"config key 'data.val' names two sets the same: {names}")

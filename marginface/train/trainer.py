@@ -62,6 +62,9 @@ class Trainer:
         self.dist = distributed.init_from_env(self.device)
         self.device = distributed.device_for(self.device, self.dist)
         self.amp_dtype = setup.resolve_amp(cfg.train.amp, self.device)
+        if self.device.type == "cuda":  # train.tf32: TF32 matmuls/convolutions (Ampere and newer)
+            torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         self._stop_signal: Optional[int] = None
 
         setup.seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -400,6 +403,8 @@ class Trainer:
                        / max(now - t_log, 1e-9))
                 eta = (self.total_steps - self.step) * (now - t_log) / max(self.step - step_log, 1)
                 values = {"loss": loss, "lr": lr, "images_per_second": ips, **stats}
+                if self.freeze_steps or cfg.optim.backbone_lr_scale != 1.0:  # fine-tuning: the backbone's own lr
+                    values["lr_backbone"] = 0.0 if self._frozen else lr * cfg.optim.backbone_lr_scale
                 log.record("train", self.step, values)
                 log.scalars(self.step, values, prefix="train/")
                 log.progress(self.step, loss, lr, ips, eta)
