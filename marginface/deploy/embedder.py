@@ -1,0 +1,261 @@
+"""``FaceEmbedder``: photo -> detect -> 5-point ArcFace alignment -> embedding (the inference API).
+
+    from marginface.deploy.embedder import FaceEmbedder
+    fe = FaceEmbedder("runs/x", detector_weights="~/.cache/marginface/mtcnn")
+    a, b = fe.embed("a.jpg"), fe.embed("b.jpg")       # unit vectors of the largest face
+    same = float(a @ b) > fe.threshold
+
+The model is anything `marginface.deploy.load.load_model` reads (run dir, checkpoint, our
+ONNX/TorchScript export, a foreign insightface-style ONNX with ``normalize=``). Embeddings are
+L2-normalised; with ``flip=True`` (default) the mirror image's embedding is added first (the
+field's test-time augmentation).
+
+Input handling, each with a one-line `UserError` naming the file: unreadable or non-image
+files; grayscale, 16-bit and 4-channel (alpha, composited on white) images are converted to
+RGB; images larger than ``max_detect_side`` are downscaled for detection only (landmarks are
+mapped back and the face is cropped from the full-resolution image); an image with no face.
+
+Tight face crops (e.g. 150x150 dlib chips, whose face fills the frame) are a documented
+fallback case: when nothing is found, detection is retried on the image padded by
+``pad_fraction`` on every side (the detector wants some context around a face).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from marginface.errors import UserError
+
+ImageLike = Union[str, Path, np.ndarray]
+DEFAULT_THRESHOLD = 0.3  # cosine; used (and reported as such) only when the model carries none
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """A face in original-image coordinates and its aligned crop (``H×W×3`` uint8 RGB)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray  # 5x2 (x, y)
+    crop: np.ndarray
+    padded: bool = False  # found only by the padded-retry fallback
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+def read_rgb(path: Union[str, Path]) -> np.ndarray:
+    """Any image file -> RGB uint8 ``H×W×3``.
+
+    EXIF orientation is applied; grayscale becomes RGB; 16-bit images are scaled to 8 bits;
+    an alpha channel is composited onto white (a transparent background is not black hair).
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    if data.size == 0:
+        raise UserError(f"{path}: image file is empty")
+    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        rgba = _to_uint8(raw)
+        alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = rgba[:, :, 2::-1].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return np.ascontiguousarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    # everything else: let OpenCV apply EXIF orientation and expand gray / reduce depth
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    return np.clip(image.astype(np.float32) * (255.0 / max(float(image.max()), 1e-6)), 0, 255).astype(np.uint8)
+
+
+def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """An in-memory image (gray ``H×W``, ``H×W×1``, RGB, RGBA; uint8/uint16/float) -> RGB uint8."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise UserError(f"{name}: expected an H×W, H×W×3 or H×W×4 image, got shape {arr.shape}")
+    arr = _to_uint8(arr)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+        arr = np.clip(arr[:, :, :3] * alpha + 255.0 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+class FaceEmbedder:
+    """Detect, align and embed faces with one model (see the module docstring).
+
+    ``model``: a path for `load_model` or an already loaded embedder. ``detector``: an object with
+    ``detect(rgb) -> [Face]`` (default: `MTCNNDetector` from ``detector_weights`` or its usual
+    lookup, built on first use). ``threshold``: overrides the model's own.
+    """
+
+    def __init__(self, model, *, normalize: Optional[str] = None, detector=None,
+                 detector_weights: Optional[Union[str, Path]] = None, flip: bool = True,
+                 batch_size: int = 32, max_detect_side: int = 1280, pad_fraction: float = 0.25,
+                 threshold: Optional[float] = None, threads: Optional[int] = None):
+        from marginface.deploy.load import load_model
+
+        if isinstance(model, (str, Path)):
+            model = load_model(model, normalize, threads=threads)
+        elif normalize is not None:
+            model.normalize = normalize
+        self.model = model
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        self.normalize = getattr(model, "normalize", None) or "arcface"
+        size = getattr(model, "input_size", 112)
+        self.input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.embedding_size = getattr(model, "embedding_size", None)
+        self.flip = flip
+        self.batch_size = max(1, int(batch_size))
+        self.max_detect_side = int(max_detect_side)
+        self.pad_fraction = float(pad_fraction)
+        self._detector = detector
+        self._detector_weights = detector_weights
+        if threshold is not None:
+            self.threshold, self.threshold_source = float(threshold), "given"
+        elif getattr(model, "threshold", None) is not None:
+            self.threshold = float(model.threshold)
+            self.threshold_source = f"model ({getattr(model, 'threshold_source', None) or 'eval'})"
+        else:
+            self.threshold, self.threshold_source = DEFAULT_THRESHOLD, "default"
+
+    # ------------------------------------------------------------------ detection + alignment
+    @property
+    def detector(self):
+        if self._detector is None:
+            from marginface.data.detect import MTCNNDetector
+
+            self._detector = MTCNNDetector(self._detector_weights)
+        return self._detector
+
+    def load_image(self, image: ImageLike, name: Optional[str] = None) -> tuple[np.ndarray, str]:
+        if isinstance(image, (str, Path)):
+            return read_rgb(image), str(image)
+        return as_rgb(image, name or "image"), name or "image"
+
+    def _detect_scaled(self, image: np.ndarray):
+        """Detections in ``image`` coordinates, running the detector on a downscaled copy when
+        the image is larger than ``max_detect_side``."""
+        h, w = image.shape[:2]
+        scale = min(1.0, self.max_detect_side / max(h, w))
+        small = image if scale == 1.0 else cv2.resize(
+            image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        found = []
+        for f in self.detector.detect(small):
+            box = tuple(float(v) / scale for v in f.box)
+            found.append((box, float(f.score), np.asarray(f.landmarks, np.float64) / scale))
+        return found
+
+    def detect(self, image: ImageLike, name: Optional[str] = None) -> list[DetectedFace]:
+        """All faces, largest first, each with its aligned crop; [] when there is none."""
+        rgb, name = self.load_image(image, name)
+        found, padded = self._detect_scaled(rgb), False
+        if not found and self.pad_fraction > 0:
+            h, w = rgb.shape[:2]
+            pad = int(round(max(h, w) * self.pad_fraction))
+            border = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+            found = [((b[0] - pad, b[1] - pad, b[2] - pad, b[3] - pad), s, lm - pad)
+                     for b, s, lm in self._detect_scaled(border)]
+            padded = bool(found)
+            source = border
+            shift = pad
+        else:
+            source, shift = rgb, 0
+        faces = []
+        from marginface.data.align import align_face
+
+        for box, score, landmarks in found:
+            crop = align_face(source, landmarks + shift, self.input_size)
+            faces.append(DetectedFace(box, score, landmarks.astype(np.float32), crop, padded))
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    def largest_face(self, image: ImageLike, name: Optional[str] = None) -> DetectedFace:
+        faces = self.detect(image, name)
+        if not faces:
+            label = str(image) if isinstance(image, (str, Path)) else (name or "image")
+            raise UserError(f"{label}: no face found")
+        return faces[0]
+
+    # ------------------------------------------------------------------ embedding
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Aligned ``N×H×W×3`` uint8 crops -> ``N×D`` float32 unit embeddings (flip-sum)."""
+        from marginface.evaluate.runner import embed_images, l2_normalize
+
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        raw = embed_images(self.model, crops, batch_size=self.batch_size, flip=self.flip, normalize=self.normalize)
+        return l2_normalize(raw.astype(np.float64)).astype(np.float32)
+
+    def embed(self, image: ImageLike, name: Optional[str] = None) -> np.ndarray:
+        """The unit embedding (``D``) of the largest face in one image."""
+        return self.embed_crops(self.largest_face(image, name).crop[None])[0]
+
+    def embed_many(self, images: Sequence[ImageLike], *, progress=None) -> np.ndarray:
+        """Unit embeddings (``N×D``) of the largest face of each image; detections one image at
+        a time, the network in batches of ``batch_size``. A repeated path is processed once."""
+        crops: dict = {}
+        order = []
+        for k, image in enumerate(images):
+            key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else f"#array{k}"
+            if key not in crops:
+                crops[key] = self.largest_face(image).crop
+                if progress is not None:
+                    progress(len(crops))
+            order.append(key)
+        keys = list(crops)
+        if not keys:
+            return np.zeros((0, self.embedding_size or 0), np.float32)
+        unit = self.embed_crops(np.stack([crops[k] for k in keys]))
+        index = {k: i for i, k in enumerate(keys)}
+        return unit[[index[k] for k in order]]
+
+    def similarity(self, a: ImageLike, b: ImageLike) -> float:
+        """Cosine similarity of the largest faces of two images."""
+        ea, eb = self.embed_many([a, b])
+        return float(np.dot(ea, eb))
+
+    # ------------------------------------------------------------------ identity of the model
+    def fingerprint(self) -> tuple[str, np.ndarray]:
+        """``(hex id, probe embedding)``: the model's unit embedding of a fixed synthetic face.
+
+        Two models that embed the same way (a checkpoint and its fp32 export) give nearly the
+        same probe; galleries store it to refuse searches with a different model.
+        """
+        from marginface.data.synthetic import render_image
+
+        probe = cv2.resize(render_image(7, 7, 0), self.input_size[::-1], interpolation=cv2.INTER_AREA)
+        vec = self.embed_crops(probe[None])[0]
+        digest = hashlib.sha256(np.round(vec, 2).astype(np.float32).tobytes()).hexdigest()[:16]
+        return digest, vec
+
+
+def iter_image_files(folder: Union[str, Path]) -> Iterable[Path]:
+    from marginface.deploy.quantize import IMAGE_EXTENSIONS
+
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            yield p

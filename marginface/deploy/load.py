@@ -1,0 +1,168 @@
+"""One loader for every model marginface can run: ``load_model(path_or_run, normalize=None)``.
+
+It accepts a run directory, a training checkpoint (``.pt``), our TorchScript export, our ONNX
+export or a foreign insightface-style ONNX recognition model, and returns a callable embedder
+(normalised float ``N×3×H×W`` -> ``N×D``) with the attributes evaluation and deployment read:
+
+- ``input_size`` (int or (H, W)), ``embedding_size``;
+- ``normalize``: "arcface" or "imagenet" (the ``normalize`` argument overrides what the model
+  records; a foreign ONNX model without metadata defaults to "arcface");
+- ``threshold``: the verification threshold (cosine) picked at eval time, from the checkpoint's
+  ``last_eval`` or the export's metadata; None when the model carries none;
+- ``threshold_source``: which eval set it came from;
+- ``model_path``: the file that was loaded.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from marginface.errors import UserError
+
+NORMALIZE_NAMES = ("arcface", "imagenet")
+TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
+
+
+def _check_normalize(normalize: Optional[str]) -> None:
+    if normalize is not None and normalize not in NORMALIZE_NAMES:
+        raise UserError(f"--normalize must be one of {', '.join(NORMALIZE_NAMES)}, got {normalize!r}")
+
+
+def pick_threshold(last_eval: dict, best_metric: str = "") -> tuple[Optional[float], Optional[str]]:
+    """The eval-time threshold of a checkpoint's ``last_eval``: the set named by the run's
+    ``eval.best_metric`` ("<set>/<metric>") if it has one, else the first set that reports one."""
+    if not isinstance(last_eval, dict) or not last_eval:
+        return None, None
+    preferred = best_metric.split("/", 1)[0] if best_metric else ""
+    names = ([preferred] if preferred in last_eval else []) + [n for n in last_eval if n != preferred]
+    for name in names:
+        metrics = last_eval.get(name)
+        value = metrics.get("threshold") if isinstance(metrics, dict) else None
+        if isinstance(value, (int, float)) and value == value:  # not NaN
+            return float(value), str(name)
+    return None, None
+
+
+def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") -> torch.nn.Module:
+    """A run directory / checkpoint -> its backbone in eval mode on the CPU, with ``input_size``,
+    ``embedding_size``, ``normalize``, ``threshold``, ``threshold_source``, ``backbone_name``,
+    ``model_path``. Reads the checkpoint once (see ``train.checkpoint.load_backbone``)."""
+    from marginface.config import Config, from_dict
+    from marginface.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from marginface.train.setup import build_model
+
+    path = resolve_checkpoint(str(model_path), prefer)
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
+    cfg.model.pretrained = None  # the checkpoint holds the weights
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit {cfg.model.backbone}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.normalize = cfg.data.normalize
+    model.threshold, model.threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
+    model.backbone_name = cfg.model.backbone
+    model.model_path = str(path)
+    model.checkpoint_path = str(path)
+    return model
+
+
+def random_backbone(name: str, embedding_size: Optional[int] = None, input_size: int = 112,
+                    seed: int = 0, **options) -> torch.nn.Module:
+    """A backbone with random weights (for timing and size checks), same attributes as above."""
+    from marginface.models import build_backbone
+
+    torch.manual_seed(seed)
+    model = build_backbone(name, embedding_size=embedding_size, input_size=input_size, **options).eval()
+    model.normalize = "arcface"
+    model.threshold, model.threshold_source = None, None
+    model.backbone_name = name
+    model.model_path = None
+    return model
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips holding ``<name>/code/`` (checkpoints hold ``data.pkl`` only)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+class TorchScriptEmbedder(torch.nn.Module):
+    """Our TorchScript export (``marginface export --format torchscript``) with its metadata."""
+
+    def __init__(self, path: Path, normalize: Optional[str] = None):
+        super().__init__()
+        extra = {TORCHSCRIPT_EXTRA: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:
+            raise UserError(f"{path}: not a loadable TorchScript model ({str(exc).strip().splitlines()[0][:200]})") from None
+        try:
+            meta = json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
+        except ValueError:
+            meta = {}
+        self.metadata = meta
+        size = meta.get("input_size") or [112, 112]
+        self.input_size = (int(size[0]), int(size[1]))
+        self.embedding_size = meta.get("embedding_size")
+        self.normalize = normalize or meta.get("normalize") or "arcface"
+        self.threshold = meta.get("threshold")
+        self.threshold_source = meta.get("threshold_source")
+        self.model_path = str(path)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *,
+               threads: Optional[int] = None, prefer: str = "best"):
+    """Any supported model -> a callable embedder (see the module docstring).
+
+    ``threads`` sets ONNX Runtime's intra-op threads for ONNX models (None: its default).
+    """
+    _check_normalize(normalize)
+    path = Path(path_or_run)
+    if not path.exists():
+        raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint or a .onnx file)")
+    if path.is_file() and _looks_like_onnx(path):
+        from marginface.deploy.onnx_model import OnnxEmbedder
+
+        model = OnnxEmbedder(path, normalize, threads=threads)
+        model.model_path = str(path)
+        return model
+    if path.is_file() and is_torchscript(path):
+        return TorchScriptEmbedder(path, normalize)
+    model = load_checkpoint_model(path, prefer)
+    if normalize is not None:
+        model.normalize = normalize
+    return model
+
+
+def model_files(model) -> list[Path]:
+    """The files a loaded model came from (an ONNX model's external data included)."""
+    path = getattr(model, "model_path", None)
+    if not path:
+        return []
+    path = Path(path)
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        files.append(data)
+    return files

@@ -1,0 +1,281 @@
+"""Export: BN folding, the PReLU rewrite, ONNX/TorchScript parity on real and synthetic faces,
+metadata, atomic writes, int8 accuracy and size, the size targets, `bench` and the CLI contract."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from marginface.cli import main
+from marginface.data.synthetic import render_identities, synthetic_pair_set
+from marginface.data.transforms import to_tensor
+from marginface.data.verification import load_lfw_dir
+from marginface.deploy.export import compare_embeddings, export_model, export_onnx
+from marginface.deploy.fold import count_batchnorm, fold_batchnorm, rewrite_prelu
+from marginface.deploy.load import load_model, random_backbone
+from marginface.evaluate.runner import evaluate_pair_set
+from marginface.models import build_backbone
+
+
+def shared_data() -> Path:
+    env = os.environ.get("MARGINFACE_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need(rel: str) -> Path:
+    path = shared_data() / rel
+    if not path.exists():
+        pytest.skip(f"shared sample data {path} is absent (set MARGINFACE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small convolutions on a busy 2-core box: one thread avoids OpenMP spin-waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A quarter-width mbf trained for 60 steps on synthetic faces at 32 px (~10 s): good enough
+    that int8 errors would show in accuracy, with a checkpoint whose last_eval has a threshold."""
+    from marginface.config import load_config
+    from marginface.train.trainer import Trainer
+
+    cfg = load_config(None, [
+        "model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",
+        "data.synthetic.identities=100", "data.synthetic.images_per_identity=8",
+        "data.synthetic.val_identities=60", "data.synthetic.val_images_per_identity=5",
+        "data.synthetic.val_pairs=600", "train.batch_size=64", "train.amp=none", "train.max_steps=60",
+        "train.log_every=1000", "data.num_workers=0", "schedule.warmup_steps=5", "train.deterministic=true"])
+    run = tmp_path_factory.mktemp("run")
+    report = Trainer(cfg, run, console=False).fit()
+    assert report["eval"]["synthetic"]["accuracy"] > 0.6, "the fixture model did not learn"
+    return run
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- folding
+@pytest.mark.parametrize("name,kw", [("mbf", {"width_mult": 0.25}), ("mobilefacenet_se", {"width_mult": 0.25}),
+                                     ("iresnet18", {"width_mult": 0.25})])
+def test_fold_batchnorm_is_exact(name, kw):
+    model = _randomise_bn(build_backbone(name, input_size=32, **kw))
+    folded = fold_batchnorm(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    if name.startswith(("mbf", "mobilefacenet")):
+        assert count_batchnorm(folded) == 0  # every BN follows a conv or the embedding linear
+    else:
+        # iresnet: the pre-activation BNs (before a conv) must stay; the rest fold
+        assert 0 < count_batchnorm(folded) < count_batchnorm(model)
+    assert folded.input_size == 32 and folded.embedding_size == model.embedding_size
+    assert count_batchnorm(model) > 0  # the original is untouched
+
+
+def test_prelu_rewrite_is_exact_for_any_slope():
+    model = build_backbone("mbf", input_size=32, width_mult=0.25).eval()
+    slopes = [torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.7])]
+    for m in model.modules():
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.copy_(slopes[0].repeat(m.num_parameters // 5 + 1)[: m.num_parameters])
+    rewritten = rewrite_prelu(fold_batchnorm(model))
+    assert not any(isinstance(m, torch.nn.PReLU) for m in rewritten.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), rewritten(x)
+    assert torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+def test_onnx_export_parity_metadata_and_graph(trained_run, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    report = export_model(trained_run, out)
+    torch_model = load_model(trained_run)
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops and "PRelu" not in ops  # folded; PReLU in Max form
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 13
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["input_size"] == "32,32" and meta["color_order"] == "RGB" and meta["layout"] == "NCHW"
+    assert meta["mean"] == "127.5,127.5,127.5" and meta["std"] == "127.5,127.5,127.5"
+    assert meta["normalize"] == "arcface" and meta["embedding_size"] == "128"
+    assert abs(float(meta["threshold"]) - torch_model.threshold) < 1e-6 and meta["threshold_source"] == "synthetic"
+    assert report["metadata"]["bn_folded"] == "true"
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.HasField("dim_value")  # dynamic batch axis
+
+    exported = load_model(out, threads=1)
+    assert exported.threshold == pytest.approx(torch_model.threshold, abs=1e-6)
+    assert exported.input_size == (32, 32) and exported.normalize == "arcface"
+    # synthetic faces and the real aligned LFW faces; several batch sizes
+    synthetic = render_identities(range(30), 1, 32, seed=9)
+    lfw = load_lfw_dir(need("verification/lfw_mini"), image_size=32).images
+    for name, images in (("synthetic", synthetic), ("lfw_mini", lfw)):
+        x = to_tensor(images)
+        with torch.no_grad():
+            ref = torch_model(x).numpy()
+        one_by_one = np.concatenate([exported(x[i : i + 1]).numpy() for i in range(3)])
+        got = exported(x).numpy()
+        stats = compare_embeddings(ref, got)
+        with capsys.disabled():
+            print(f"\n[parity {name}] {stats['images']} faces: min cosine {stats['min_cosine']:.8f}, "
+                  f"max abs diff {stats['max_abs_diff']:.2e}")
+        assert stats["min_cosine"] > 0.9999
+        assert np.allclose(one_by_one, got[:3], atol=1e-4)
+
+
+def test_torchscript_export_roundtrip(trained_run, tmp_path):
+    out = tmp_path / "model.ts"
+    report = export_model(trained_run, out, fmt="torchscript")
+    assert report["parity"]["min_cosine"] > 0.9999
+    loaded = load_model(out)
+    ref = load_model(trained_run)
+    assert loaded.input_size == (32, 32) and loaded.normalize == "arcface"
+    assert loaded.threshold == pytest.approx(ref.threshold)
+
+
+def test_eval_accepts_onnx_and_matches_checkpoint(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    export_model(trained_run, out, check=False)
+    ps_dir = tmp_path / "pairs"
+    ps = synthetic_pair_set(20, 4, 60, image_size=32, seed=3, name="held")
+    ps_dir.mkdir()
+    rows = ["file_x,file_y,same"]
+    for k, (i, j) in enumerate(ps.pairs):
+        for idx in (i, j):
+            cv2.imwrite(str(ps_dir / f"{idx}.png"), ps.images[idx][..., ::-1])
+        rows.append(f"{i}.png,{j}.png,{int(ps.issame[k])}")
+    (ps_dir / "pairs.csv").write_text("\n".join(rows) + "\n")
+    results = {}
+    for model in (str(trained_run), str(out)):
+        assert main(["eval", "--model", model, "--sets", str(ps_dir / "pairs.csv"), "--json"]) == 0
+        results[model] = json.loads(capsys.readouterr().out)["pairs"]
+    a, b = results.values()
+    assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-4)
+
+
+def test_export_is_atomic(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous good model")
+
+    def broken_save(proto, path, *a, **kw):
+        Path(path).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(OSError):
+        export_model(trained_run, out, check=False)
+    assert out.read_bytes() == b"previous good model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp files left
+
+
+def test_int8_accuracy_drop_and_size(trained_run, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, image in enumerate(render_identities(range(64), 2, 32, seed=0)):  # training identities
+        cv2.imwrite(str(calib / f"{i}.png"), image[..., ::-1])
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_model(trained_run, fp32, check=False)
+    report = export_model(trained_run, int8, int8=True, calib=calib)
+    assert report["metadata"]["quantization"].startswith("int8-static-qdq-U8S8-per-channel")
+    held_out = synthetic_pair_set(200, 6, 2000, image_size=32, seed=5, name="held_out")
+    acc = {name: evaluate_pair_set(load_model(p, threads=1), held_out)["accuracy"]
+           for name, p in (("fp32", fp32), ("int8", int8))}
+    size = {name: p.stat().st_size for name, p in (("fp32", fp32), ("int8", int8))}
+    with capsys.disabled():
+        print(f"\n[int8] held-out accuracy fp32 {acc['fp32']:.4f} int8 {acc['int8']:.4f} "
+              f"(drop {100 * (acc['fp32'] - acc['int8']):+.2f} points); size {size['fp32'] / 2**20:.3f} -> "
+              f"{size['int8'] / 2**20:.3f} MiB ({size['fp32'] / size['int8']:.2f}x smaller)")
+    assert acc["fp32"] - acc["int8"] <= 0.005
+    assert size["int8"] < size["fp32"] / 1.5
+
+
+def test_size_targets(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, image in enumerate(render_identities(range(8), 1, 112, seed=0)):
+        cv2.imwrite(str(calib / f"{i}.png"), image[..., ::-1])
+    sizes = {}
+    for name, kw in (("mbf", {}), ("mbf-int8", {"int8": True, "calib": calib}), ("mobilefacenet", {})):
+        out = tmp_path / f"{name}.onnx"
+        export_model(None, out, backbone=name.split("-")[0], check=False, **kw)
+        sizes[name] = out.stat().st_size / 1e6
+    with capsys.disabled():
+        print("\n[sizes MB] " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    assert sizes["mbf"] < 9.0
+    assert sizes["mbf-int8"] < 2.5
+    assert sizes["mobilefacenet"] < 4.5
+
+
+# ---------------------------------------------------------------------------------------------- bench + CLI
+def test_bench_json_contract(capsys):
+    assert main(["bench", "--backbone", "mobilefacenet", "--input-size", "32", "--threads", "1",
+                 "--runs", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("params", "file_mb", "gmacs", "latency_ms", "throughput_ips", "threads"):
+        assert key in result
+    assert set(result["latency_ms"]) == {"torch", "onnxruntime", "onnxruntime-int8"}
+    for stats in result["latency_ms"].values():
+        assert 0 < stats["median"] <= stats["p90"]
+    assert all(v > 0 for v in result["throughput_ips"].values())
+    assert result["threads"] == 1 and result["params"] > 0 and result["gmacs"] > 0
+
+
+def test_bench_onnx_file(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    export_onnx(random_backbone("mobilefacenet", input_size=32), out)
+    assert main(["bench", str(out), "--threads", "1", "--runs", "3", "--runtimes", "torch,onnxruntime", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["latency_ms"]) == {"onnxruntime"} and "torch" in result["skipped"]
+    torch_macs = result["gmacs"]
+    from marginface.models import count_macs
+
+    assert torch_macs == pytest.approx(count_macs(random_backbone("mobilefacenet", input_size=32)) / 1e9, rel=0.02)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["export", "--out", "x.onnx"], "RUN_DIR|CKPT or --backbone"),
+    (["export", "--backbone", "mbf", "--int8", "--out", "x.onnx"], "--calib"),
+    (["export", "/nonexistent/run", "--out", "x.onnx"], "no checkpoint found"),
+    (["export", "--backbone", "mbf", "--opset", "9", "--out", "x.onnx"], "--opset 9"),
+    (["export", "--backbone", "mbf", "--int8", "--calib", "/nonexistent", "--out", "x.onnx"], "not a directory"),
+    (["bench", "--backbone", "nosuchnet", "--json"], "unknown backbone"),
+])
+def test_cli_errors(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], captured.err
+    assert captured.out == ""
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_export_json(trained_run, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(out) and report["parity"]["min_cosine"] > 0.9999 and out.is_file()

@@ -1,0 +1,177 @@
+"""Gallery: exact chunked search vs brute force, the .npz file (atomic, no pickle, bad files),
+model fingerprints, and enrol/search on real photos (johns: rank-1 on held-out images)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marginface.cli import main
+from marginface.deploy.gallery import Gallery, enroll, top_k_cosine
+from marginface.errors import UserError
+
+FOREIGN = "weights/mobilefacenet_onnx/MobileFaceNet.onnx"
+ENROLLED_PER_IDENTITY = 5
+
+
+def shared_data() -> Path:
+    env = os.environ.get("MARGINFACE_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need(rel: str) -> Path:
+    path = shared_data() / rel
+    if not path.exists():
+        pytest.skip(f"shared sample data {path} is absent (set MARGINFACE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------- search
+def test_chunked_search_matches_brute_force_on_200k():
+    rng = np.random.default_rng(0)
+    gallery = unit_rows(rng, 200_000, 64)
+    queries = np.concatenate([unit_rows(rng, 4, 64), gallery[[123, 199_999]]])  # two exact members
+    idx, sims = top_k_cosine(gallery, queries, 10, chunk_size=30_000)  # uneven last chunk
+    brute = queries @ gallery.T
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(idx, expected)
+    assert np.allclose(sims, np.take_along_axis(brute, expected, axis=1), atol=1e-6)
+    assert idx[4, 0] == 123 and idx[5, 0] == 199_999 and sims[4, 0] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 0)
+
+
+def test_search_edge_cases():
+    rng = np.random.default_rng(1)
+    g = Gallery(np.array(["a", "b", "c"]), unit_rows(rng, 3, 8), np.array([1, 2, 3]))
+    idx, sims = g.search(g.embeddings[1], top_k=10)  # k larger than the gallery: all of it
+    assert idx.shape == (1, 3) and idx[0, 0] == 1
+    assert g.matches(g.embeddings[2], 1)[0]["identity"] == "c"
+    with pytest.raises(UserError, match="8-d"):
+        g.search(np.ones(5, np.float32))
+    with pytest.raises(UserError, match="faiss"):
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            g.search(g.embeddings[0], index="faiss")
+        else:
+            raise UserError("faiss installed: covered by test_faiss_matches_exact")
+
+
+def test_faiss_matches_exact():
+    pytest.importorskip("faiss", reason="faiss is optional and not installed")
+    rng = np.random.default_rng(2)
+    g = Gallery(np.array([str(i) for i in range(5000)]), unit_rows(rng, 5000, 32), np.ones(5000, int))
+    q = unit_rows(rng, 3, 32)
+    assert np.array_equal(g.search(q, 5, index="faiss")[0], g.search(q, 5, index="exact")[0])
+
+
+# ---------------------------------------------------------------------------------------------- file
+def test_save_load_roundtrip_atomic_no_pickle(tmp_path):
+    rng = np.random.default_rng(3)
+    g = Gallery(np.array(["Ann", "Bob"]), unit_rows(rng, 2, 16), np.array([3, 4]), "abc123",
+                unit_rows(rng, 1, 16)[0], "model.onnx")
+    path = g.save(tmp_path / "g.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz"]  # no temp file left behind
+    back = Gallery.load(path)
+    assert list(back.names) == ["Ann", "Bob"] and np.array_equal(back.embeddings, g.embeddings)
+    assert list(back.counts) == [3, 4] and back.model_fingerprint == "abc123" and back.model_name == "model.onnx"
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only
+        assert {"names", "embeddings", "counts", "model_fingerprint", "model_probe", "format"} <= set(z.files)
+
+
+def test_bad_gallery_files(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"definitely not a zip")
+    with pytest.raises(UserError, match="not a readable gallery"):
+        Gallery.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", names=np.array(["x"]))
+    with pytest.raises(UserError, match="not a marginface gallery"):
+        Gallery.load(tmp_path / "other.npz")
+    with pytest.raises(UserError, match="not found"):
+        Gallery.load(tmp_path / "missing.npz")
+    with pytest.raises(UserError, match=".npz"):
+        Gallery(np.array(["a"]), np.ones((1, 2), np.float32), np.array([1])).save(tmp_path / "g.pkl")
+
+
+def test_model_fingerprint_check():
+    rng = np.random.default_rng(4)
+    probe = unit_rows(rng, 1, 16)[0]
+    g = Gallery(np.array(["a"]), unit_rows(rng, 1, 16), np.array([1]), "fp1", probe, "m1")
+    g.check_model("fp1", probe)
+    g.check_model("fp-export", probe + 1e-4)  # same behaviour (e.g. the fp32 export): accepted
+    with pytest.raises(UserError, match="different model"):
+        g.check_model("fp2", unit_rows(rng, 1, 16)[0])
+    with pytest.raises(UserError, match="16-d"):
+        g.check_model("fp3", unit_rows(rng, 1, 8)[0])
+
+
+# ---------------------------------------------------------------------------------------------- real photos
+@pytest.fixture(scope="module")
+def johns_split(tmp_path_factory):
+    """johns/<id>/: the first 5 images (sorted) of each identity enrolled, the other 6 probes."""
+    root = need("identities/johns")
+    enrol_dir = tmp_path_factory.mktemp("johns_enrol")
+    probes = []
+    for ident in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(ident.glob("*.jpg"))
+        (enrol_dir / ident.name).mkdir()
+        for f in files[:ENROLLED_PER_IDENTITY]:
+            (enrol_dir / ident.name / f.name).symlink_to(f)
+        probes += [(ident.name, f) for f in files[ENROLLED_PER_IDENTITY:]]
+    return enrol_dir, probes
+
+
+def test_johns_rank1(johns_split, capsys):
+    from marginface.deploy.embedder import FaceEmbedder
+
+    enrol_dir, probes = johns_split
+    fe = FaceEmbedder(need(FOREIGN), normalize="imagenet", detector_weights=need("weights/mtcnn"), threads=1)
+    gallery, report = enroll(fe, enrol_dir)
+    assert report["identities"] == 5 and report["images"] == 25 and not report["skipped"]
+    assert np.allclose(np.linalg.norm(gallery.embeddings, axis=1), 1, atol=1e-5)
+    gallery.check_model(*fe.fingerprint())
+    emb = fe.embed_many([f for _, f in probes])
+    idx, _ = gallery.search(emb, 1)
+    correct = sum(gallery.names[i] == name for i, (name, _) in zip(idx[:, 0], probes))
+    rate = correct / len(probes)
+    with capsys.disabled():
+        print(f"\n[johns] rank-1 {correct}/{len(probes)} = {rate:.1%}")
+    assert len(probes) == 30 and rate >= 0.90
+
+
+def test_gallery_cli_enroll_and_search(johns_split, tmp_path, capsys):
+    enrol_dir, probes = johns_split
+    args = ["--model", str(need(FOREIGN)), "--normalize", "imagenet", "--detector-weights",
+            str(need("weights/mtcnn")), "--threads", "1"]
+    db = tmp_path / "g.npz"
+    assert main(["gallery", "enroll", str(enrol_dir), "--db", str(db), *args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identities"] == 5 and db.is_file()
+    name, probe = probes[-1]
+    assert main(["gallery", "search", str(probe), "--db", str(db), "--top", "3", *args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["matches"]) == 3 and result["matches"][0]["identity"] == name
+    assert set(result["matches"][0]) >= {"identity", "similarity"}
+    # the same gallery searched with another preprocessing = another model: refused, exit 2
+    wrong = [a if a != "imagenet" else "arcface" for a in args]
+    assert main(["gallery", "search", str(probe), "--db", str(db), *wrong, "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "different model" in err[0]
+    assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "none.npz"), *args]) == 2
+    assert "not found" in capsys.readouterr().err
