@@ -94,3 +94,5 @@ def test_published_recipes_load(name):
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     assert cfg.optim.lr == raw["optim"]["lr"]
     assert cfg.model.embedding_size == 512
+    # the fast-CPU choices of the synthetic default must not leak into real recipes
+    assert (cfg.model.width_mult, cfg.model.input_size) == (1.0, 112)
