@@ -68,6 +68,8 @@ def cmd_train(args) -> int:
         print(f"interrupted: state saved in {run_dir}/checkpoints/last.pt; continue with "
               f"marginface train --out {run_dir} --resume", file=sys.stderr)
         return 130
+    if not trainer.dist.is_main:  # under torchrun only rank 0 reports
+        return 0
     if args.json:
         _print_json({"run_dir": str(run_dir), **report})
     else:
@@ -86,7 +88,10 @@ def _dry_run(cfg, run_dir: Path, as_json: bool) -> int:
     source = setup.build_train_source(cfg.data, cfg.model.input_size)
     backbone = setup.build_model(cfg.model)
     n = min(cfg.train.batch_size, len(source))
-    first = torch.stack([torch.from_numpy(source.read(i)).permute(2, 0, 1) for i in range(n)])
+    from marginface.data.dataset import FaceDataset  # the training pipeline: decode + resize to the input size
+
+    dataset = FaceDataset(source, image_size=cfg.model.input_size, flip=False, skip_bad=cfg.data.skip_bad_images)
+    first = torch.stack([dataset[i][0] for i in range(n)])
     with torch.inference_mode():
         emb = backbone.eval()(first[:2].float() / 127.5 - 1.0)
     summary = {
@@ -107,20 +112,73 @@ def _dry_run(cfg, run_dir: Path, as_json: bool) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def cmd_eval(args) -> int:
-    from marginface.data.verification import load_pair_set
-    from marginface.evaluate.runner import evaluate_sets
-    from marginface.train.checkpoint import load_backbone
-    from marginface.train.loggers import format_table
+def _eval_device(name: str, model):
+    import torch
 
-    model = load_backbone(args.model)
-    sets = [load_pair_set(p, image_size=model.input_size) for p in args.sets]
-    normalize = args.normalize or getattr(model, "normalize", "arcface")
-    results = evaluate_sets(model, sets, flip=not args.no_flip, batch_size=args.batch_size, normalize=normalize)
+    if not isinstance(model, torch.nn.Module):
+        return torch.device("cpu")  # ONNX Runtime models run on the CPU here
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: not a device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def _eval_model_info(model) -> dict:
+    import torch
+
+    from marginface.models import count_parameters
+
+    return {"backbone": getattr(model, "backbone_name", None) or type(model).__name__,
+            "params": count_parameters(model) if isinstance(model, torch.nn.Module) else None,
+            "embedding_size": getattr(model, "embedding_size", None)}
+
+
+def cmd_eval(args) -> int:
+    from marginface.evaluate import report as rep
+
+    if args.compare:
+        if args.model or args.sets:
+            raise UserError("eval --compare RUN_A RUN_B takes no --model/--sets")
+        a, b = args.compare
+        comparison = rep.compare_reports(rep.load_report(a), rep.load_report(b), labels=(a, b))
+        if args.json:
+            _print_json(comparison)
+        else:
+            print(rep.format_comparison(comparison))
+        return 0
+    if not args.model or not args.sets:
+        raise UserError("eval needs --model and --sets (or --compare RUN_A RUN_B)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    import torch
+
+    from marginface.deploy.load import load_model
+
+    model = load_model(args.model, normalize=args.normalize)  # run dir, .pt, our .onnx or a foreign .onnx
+    device = _eval_device(args.device, model)
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+    log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    results, curves, sources = rep.evaluate_suite(
+        model, args.sets, flip=not args.no_flip, batch_size=args.batch_size, device=device,
+        normalize=args.normalize, amp_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+        detector_score=not args.no_detector_score, log=log)
+    out = args.out or (args.model if Path(args.model).is_dir() else None)
+    written = None
+    if out:
+        report = rep.merge_eval(out, results, model_info=_eval_model_info(model), sources=sources)
+        written = rep.write_report(out, report, curves, plots=not args.no_plots)
     if args.json:
-        _print_json(results)
+        _print_json(rep.json_safe(results))
     else:
-        print(format_table(results))
+        print(rep.format_results_table(results))
+        if written:
+            print(f"report: {written['report_md']}" + "".join(f", {p}" for p in written["plots"]))
     return 0
 
 
@@ -179,6 +237,233 @@ def cmd_data_get_detector(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- viz
+def cmd_viz(args) -> int:
+    from marginface.viz import VizOptions, run_viz
+
+    options = VizOptions(identities=args.identities, images_per_identity=args.images, steps=args.steps,
+                         batch_size=args.batch_size, input_size=args.input_size, lr=args.lr,
+                         center_weight=args.center_weight, seed=args.seed)
+    log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    summary = run_viz(args.out, options, gif=args.gif, log=log)
+    if args.json:
+        _print_json(summary)
+    else:
+        for name, run in summary["runs"].items():
+            print(f"{name:15s} compactness {run['compactness']:.3f}  {', '.join(run['files'])}")
+        print(f"side by side: {summary['comparison']}")
+    return 0
+
+
+def _add_viz_parser(sub) -> None:
+    v = sub.add_parser("viz", help="2-D features of a few identities: softmax vs softmax + center loss (PNG/GIF)",
+                       description="Train a 2-D embedding on a few synthetic identities twice (same weights and "
+                                   "batches): plain softmax, then softmax + center loss; plot how they separate.")
+    v.add_argument("--out", required=True, help="output directory (PNGs, GIFs with --gif, viz.json)")
+    v.add_argument("--identities", type=int, default=10)
+    v.add_argument("--images", type=int, default=24, help="images per identity")
+    v.add_argument("--steps", type=int, default=240)
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--input-size", type=int, default=32)
+    v.add_argument("--lr", type=float, default=0.1)
+    v.add_argument("--center-weight", type=float, default=0.3, help="lambda of softmax + lambda * center loss")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--gif", action="store_true", help="also write an animated GIF of the features during training")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_viz)
+
+
+# ---------------------------------------------------------------------------------------------- deploy
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _face_embedder(args):
+    from marginface.deploy.embedder import FaceEmbedder
+
+    if args.threads:  # the detector runs in torch: same thread count (1 is best on a busy machine)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fe = FaceEmbedder(args.model, normalize=args.normalize, detector_weights=args.detector_weights,
+                      flip=not args.no_flip, threshold=args.threshold, batch_size=args.batch_size,
+                      threads=args.threads)
+    return fe
+
+
+def cmd_export(args) -> int:
+    from marginface.deploy.export import export_model
+    from marginface.deploy.quantize import QuantOptions
+
+    if not args.model and not args.backbone:
+        raise UserError("export: give RUN_DIR|CKPT or --backbone NAME")
+    options = QuantOptions(fmt=args.quant_format, activations=args.activations, per_channel=not args.per_tensor,
+                           reduce_range=args.reduce_range, calibration=args.calibration)
+    report = export_model(args.model, args.out, fmt=args.format, int8=args.int8, calib=args.calib,
+                          opset=args.opset, backbone=args.backbone, quant_options=options if args.int8 else None)
+    if args.json:
+        _print_json(report)
+    else:
+        parity = report.get("parity", {})
+        print(f"wrote {report['out']} ({report['format']}{', int8' if report['int8'] else ''}, "
+              f"{report['file_mb']:.2f} MiB); parity vs PyTorch on {parity.get('images')} faces: "
+              f"min cosine {parity.get('min_cosine', float('nan')):.6f}, max abs diff {parity.get('max_abs_diff', float('nan')):.2e}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from marginface.deploy.bench import DEFAULT_RUNTIMES, bench
+
+    if not args.model and not args.backbone:
+        raise UserError("bench: give MODEL (run dir, .pt or .onnx) or --backbone NAME")
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else list(DEFAULT_RUNTIMES)
+    result = bench(args.model, backbone=args.backbone, runtimes=runtimes, threads=args.threads, runs=args.runs,
+                   normalize=args.normalize, input_size=args.input_size)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['model']}: {result['params'] / 1e6:.2f}M params, {result['gmacs']:.3f} GMACs, "
+              f"{result['file_mb']:.2f} MiB, {result['threads']} threads")
+        for name, lat in result["latency_ms"].items():
+            print(f"  {name:24s} batch 1: {lat['median']:7.2f} ms (p90 {lat['p90']:.2f})   "
+                  f"batch {result['batch']['throughput']}: {result['throughput_ips'][name]:8.1f} img/s")
+        for name, why in result.get("skipped", {}).items():
+            print(f"  {name:24s} skipped: {why}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from marginface.deploy.verify import verify_images, verify_pair_list
+
+    if args.pairs and args.images:
+        raise UserError("verify: give either two images or --pairs PAIRS.csv, not both")
+    if not args.pairs and len(args.images) != 2:
+        raise UserError(f"verify: expected two images (A.jpg B.jpg) or --pairs PAIRS.csv, got {len(args.images)} image(s)")
+    fe = _face_embedder(args)
+    if fe.threshold_source == "default":  # said after the work, so an error stays the only stderr line
+        defaulted = (f"the model carries no verification threshold; used the default {fe.threshold} "
+                     f"(pass --threshold to set one)")
+    else:
+        defaulted = ""
+    if args.pairs:
+        result = verify_pair_list(fe, args.pairs)
+        if defaulted:
+            _note(defaulted)
+        if args.json:
+            _print_json(result)
+        else:
+            for row in result["pairs"]:
+                print(f"{row['similarity']:+.4f}  {'same' if row['same'] else 'different':9s}  {row['a']}  {row['b']}")
+            if result["eval"]:
+                m = result["eval"]
+                print(f"{len(result['pairs'])} pairs: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f}, "
+                      f"AUC {m['auc']:.4f}, EER {m['eer']:.4f}, best threshold {m['threshold']:.3f}")
+        return 0
+    result = verify_images(fe, *args.images)
+    if defaulted:
+        _note(defaulted)
+    if args.json:
+        _print_json({k: result[k] for k in ("similarity", "same", "threshold", "threshold_source")})
+    else:
+        print(f"similarity {result['similarity']:.4f} -> {'same person' if result['same'] else 'different people'} "
+              f"(threshold {result['threshold']:.3f}, {result['threshold_source']})")
+    return 0
+
+
+def cmd_gallery_enroll(args) -> int:
+    from marginface.deploy.gallery import enroll
+
+    fe = _face_embedder(args)
+    gallery, report = enroll(fe, args.dir, skip_no_face=args.skip_no_face)
+    gallery.save(args.db)
+    report.update(db=str(args.db), dim=gallery.dim, model_fingerprint=gallery.model_fingerprint)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"enrolled {report['identities']} identities from {report['images']} images into {args.db}")
+        for item in report["skipped"]:
+            print(f"  skipped {item['file']}: {item['reason']}")
+    return 0
+
+
+def cmd_gallery_search(args) -> int:
+    from marginface.deploy.gallery import Gallery
+
+    gallery = Gallery.load(args.db)
+    fe = _face_embedder(args)
+    gallery.check_model(*fe.fingerprint(), where=str(args.db))
+    matches = gallery.matches(fe.embed(args.image), args.top, index=args.index)
+    if args.json:
+        _print_json({"matches": matches, "threshold": fe.threshold})
+    else:
+        for rank, m in enumerate(matches, 1):
+            print(f"{rank:2d}. {m['identity']:30s} {m['similarity']:+.4f}")
+    return 0
+
+
+def _add_model_options(p) -> None:
+    p.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    p.add_argument("--normalize", choices=["arcface", "imagenet"],
+                   help="input normalisation for a model without metadata (default: the model's, else arcface)")
+    p.add_argument("--detector-weights", help="MTCNN weights directory (default: $MARGINFACE_DETECTOR_DIR or the cache)")
+    p.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the model's eval threshold)")
+    p.add_argument("--no-flip", action="store_true", help="do not add the mirror image's embedding")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_deploy_parsers(sub) -> None:
+    x = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or TorchScript")
+    x.add_argument("model", nargs="?", help="run directory or checkpoint (.pt)")
+    x.add_argument("--backbone", help="export this architecture with random weights instead (size checks)")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", required=True, help="output file (written atomically)")
+    x.add_argument("--opset", type=int, default=13, help="ONNX opset, 13..17 (13: widest mobile runtime support)")
+    x.add_argument("--int8", action="store_true", help="static int8 quantisation (needs --calib)")
+    x.add_argument("--calib", help="folder of aligned face crops for int8 calibration")
+    x.add_argument("--quant-format", choices=["qdq", "qoperator"], default="qdq")
+    x.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="int8 activation type (U8S8 / S8S8)")
+    x.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per channel)")
+    x.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
+    x.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="parameters, MACs, file size, latency and throughput per runtime")
+    b.add_argument("model", nargs="?", help="run directory, checkpoint (.pt) or .onnx")
+    b.add_argument("--backbone", help="time this architecture with random weights")
+    b.add_argument("--input-size", type=int, default=112, help="with --backbone: input side in pixels")
+    b.add_argument("--threads", type=int, help="threads for every runtime (default: cores, at most 4)")
+    b.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,onnxruntime-int8)")
+    b.add_argument("--runs", type=int, default=100, help="timed runs at batch 1")
+    b.add_argument("--normalize", choices=["arcface", "imagenet"])
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("verify", help="same person? two photos, or every pair of a pairs CSV")
+    v.add_argument("images", nargs="*", metavar="IMAGE", help="A.jpg B.jpg")
+    v.add_argument("--pairs", help="CSV with file_x,file_y[,Decision|same]; paths relative to the CSV")
+    _add_model_options(v)
+    v.set_defaults(func=cmd_verify)
+
+    g = sub.add_parser("gallery", help="enrol identities and search faces (1:N)")
+    gsub = g.add_subparsers(dest="gallery_command", parser_class=_Parser, required=True)
+    en = gsub.add_parser("enroll", help="enrol DIR/<identity>/*.jpg into a gallery file")
+    en.add_argument("dir")
+    en.add_argument("--db", required=True, help="gallery file (.npz, written atomically)")
+    en.add_argument("--skip-no-face", action="store_true", help="skip images without a face instead of failing")
+    _add_model_options(en)
+    en.set_defaults(func=cmd_gallery_enroll)
+    se = gsub.add_parser("search", help="the closest enrolled identities of the largest face in IMAGE")
+    se.add_argument("image")
+    se.add_argument("--db", required=True)
+    se.add_argument("--top", type=int, default=5)
+    se.add_argument("--index", choices=["auto", "exact", "faiss"], default="auto")
+    _add_model_options(se)
+    se.set_defaults(func=cmd_gallery_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="marginface", description="Train, evaluate and ship margin-softmax face recognition models.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
@@ -192,13 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the final report as one JSON object")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a model on verification sets")
-    e.add_argument("--model", required=True, help="run directory, checkpoint (.pt)")
-    e.add_argument("--sets", nargs="+", required=True, help=".bin files, LFW directories (with pairs.txt), pairs .csv")
+    e = sub.add_parser("eval", help="evaluate a model on verification sets, or compare two runs' reports",
+                        description="Evaluate with and without the flip-sum embedding; --out (default: the run "
+                                    "directory) gets report.json, report.md, roc.png and scores.png. "
+                                    "Protocols: docs/evaluation.md.")
+    e.add_argument("--model", help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    e.add_argument("--sets", nargs="+", help=".bin files, LFW directories (with pairs.txt), pairs .txt/.csv, "
+                                             "IJB-B/IJB-C directories (insightface layout)")
+    e.add_argument("--out", help="directory for report.json/report.md/plots (default: --model when it is a run "
+                                 "directory; its report.json keeps its training sections)")
+    e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     e.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
     e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocast (faster on recent CPUs/GPUs; fp32 is the reference)")
     e.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--no-detector-score", action="store_true",
+                   help="IJB: do not weight image features by the detector score")
+    e.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="print two runs' report.json eval side by side (set x metric, B - A)")
+    e.add_argument("--json", action="store_true", help="print the eval object (or the comparison) as JSON")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("data", help="make, inspect and convert datasets")
@@ -234,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", help="default: ~/.cache/marginface/mtcnn")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_data_get_detector)
+    _add_deploy_parsers(sub)
+    _add_viz_parser(sub)
     return p
 
 
