@@ -1,0 +1,130 @@
+"""How long does evaluation take to embed a verification set (flip-sum: 2 forward passes per image)?
+
+Prints one JSON object. The target set is LFW-sized: 12,000 112x112 images (6,000 pairs).
+Variants (all through `marginface.evaluate.runner.embed_images`):
+
+- ``plain_fp32``: the model called as given (``optimize=False``), the old path;
+- ``fast_fp32``: the default path: BatchNorm folded into the convolutions (torch.fx) and
+  channels_last inputs; fp32 throughout;
+- ``fast_bf16``: the fast path under bf16 autocast (``marginface eval --precision bf16``).
+
+Each variant's embeddings are compared with ``plain_fp32`` (minimum cosine over all images).
+The variants run interleaved, round by round, so that a shared machine's changing load falls on
+all of them alike.
+``--images`` below 12,000 times a sample and extrapolates (``seconds_per_12k``), which is linear
+in the image count once the batch size is fixed. The backbone has random weights with BatchNorm
+statistics and PReLU slopes perturbed to look trained (speed does not depend on the values).
+
+    python benchmarks/eval_speed.py                      # full 12,000 images
+    python benchmarks/eval_speed.py --images 1200        # quick: time 1/10 and extrapolate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from marginface.evaluate.runner import embed_images
+from marginface.models import build_backbone
+
+TARGET_IMAGES = 12000
+
+
+def synthetic_faces(n: int, size: int = 112, seed: int = 0) -> np.ndarray:
+    """Smooth random RGB images (a random 8x8 pattern upscaled): no decoding cost, real pixels."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in small])
+
+
+def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.copy_(0.05 + 0.3 * torch.rand(m.weight.shape, generator=generator))
+    return model.eval()
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=TARGET_IMAGES, help="images to embed (each also flipped)")
+    ap.add_argument("--backbone", default="mbf")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--round-size", type=int, default=400, help="images per interleaved round")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--variants", nargs="+", default=["plain_fp32", "fast_fp32", "fast_bf16"],
+                    choices=["plain_fp32", "fast_fp32", "fast_bf16"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = trained_looking(build_backbone(args.backbone))
+    images = synthetic_faces(args.images)
+    load_start = os.getloadavg()[0]
+    embed_images(model, images[:8], batch_size=8)  # warm-up (oneDNN primitive creation)
+    embed_images(model, images[:8], batch_size=8, optimize=False)
+
+    settings = {"plain_fp32": (False, None), "fast_fp32": (True, None), "fast_bf16": (True, torch.bfloat16)}
+    # Interleaved rounds (the variant order rotates every round): on a shared machine the load
+    # changes over minutes, and interleaving spreads it evenly over the variants.
+    seconds = {name: 0.0 for name in args.variants}
+    parts: dict = {name: [] for name in args.variants}
+    rounds = range(0, args.images, args.round_size)
+    for r, start in enumerate(rounds):
+        chunk = images[start : start + args.round_size]
+        order = args.variants[r % len(args.variants):] + args.variants[: r % len(args.variants)]
+        for name in order:
+            optimize, amp = settings[name]
+            t0 = time.perf_counter()
+            parts[name].append(embed_images(model, chunk, batch_size=args.batch_size, flip=True,
+                                            optimize=optimize, amp_dtype=amp))
+            seconds[name] += time.perf_counter() - t0
+    results = {}
+    reference = np.concatenate(parts["plain_fp32"]) if "plain_fp32" in parts else None
+    for name in args.variants:
+        entry = {"seconds": round(seconds[name], 2),
+                 "images_per_second": round(args.images / seconds[name], 1),
+                 "forward_passes_per_second": round(2 * args.images / seconds[name], 1),
+                 "seconds_per_12k": round(seconds[name] * TARGET_IMAGES / args.images, 1)}
+        if reference is not None and name != "plain_fp32":
+            entry["min_cosine_vs_plain_fp32"] = round(min_cosine(np.concatenate(parts[name]), reference), 7)
+        results[name] = entry
+    report = {
+        "backbone": args.backbone,
+        "images": args.images,
+        "image_size": 112,
+        "flip": True,
+        "batch_size": args.batch_size,
+        "round_size": args.round_size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "load_average_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
+        "results": results,
+    }
+    if "plain_fp32" in results and "fast_fp32" in results:
+        report["speedup_fast_fp32"] = round(results["plain_fp32"]["seconds"] / results["fast_fp32"]["seconds"], 2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""1:N identification (MegaFace-style): chunked cosine search, CMC and open-set TPIR@FPIR.
+
+Protocol (also in docs/evaluation.md):
+
+- **Enrolment.** Gallery features of one identity are pooled into one template: the mean of the
+  L2-normalised features, normalised again. Distractors (e.g. MegaFace's 1M faces) are added as
+  candidates of their own that match no probe. The candidate list is
+  ``[identity templates (in order of first appearance); distractors]``.
+- **Scores** are cosines between the L2-normalised probe and each candidate.
+- **Mated probes** (identity enrolled): the *rank* of the mate is
+  ``1 + #{other candidates whose score >= the mate's score}``, so ties count against the probe.
+  CMC(r) = fraction of mated probes with rank <= r (closed-set identification rate; rank-1, rank-5).
+- **Non-mated probes** (identity not enrolled) must be rejected: their top-1 score over all
+  candidates is what a threshold has to stay below.
+- **Open set** (NIST FRVT 1:N terms): at threshold ``T`` (accept a candidate when score > T)
+  ``FPIR(T)`` = fraction of non-mated probes whose top-1 score > T, ``TPIR(T)`` = fraction of
+  mated probes whose mate is at rank 1 with score > T. For a target FPIR ``f`` the threshold is
+  the most lenient one with ``FPIR <= f``: ``T`` = the ``(floor(f * n_nonmated) + 1)``-th highest
+  non-mated top-1 score. A target is reported only when ``n_nonmated * f >= 1``.
+
+The search never holds the full ``probes × candidates`` score matrix: the candidates are processed
+in chunks (default 65,536 rows) on CPU or GPU with one matmul each, keeping a running top-k or
+running counts, so 1M distractors × 512-d (2 GB as float32, may be an ``np.memmap``) fit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from marginface.errors import UserError
+from marginface.evaluate.metrics import far_key
+
+Device = Union[str, torch.device]
+DEFAULT_CHUNK = 65536
+DEFAULT_FPIR_TARGETS = (1e-1, 1e-2, 1e-3)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation; all-zero rows stay zero."""
+    norms = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norms == 0, torch.ones_like(norms), norms)
+
+
+def _as_matrix(name: str, array, dim: Optional[int] = None) -> np.ndarray:
+    a = np.asarray(array) if not isinstance(array, np.ndarray) else array  # keeps np.memmap lazy
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D N×D array, got shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} has {a.shape[1]} dimensions, the probes have {dim}")
+    return a
+
+
+def _chunks(base: np.ndarray, chunk_size: int, device: Device, normalize: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start row, chunk as float32 tensor on device)`` over ``base``, one chunk in memory at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, base.shape[0], chunk_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(base[start : start + chunk_size], dtype=np.float32)).to(device)
+        yield start, (_unit_rows(chunk) if normalize else chunk)
+
+
+def _sorted_candidates(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row by score descending, equal scores by index ascending."""
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_score = torch.argsort(values, dim=1, descending=True, stable=True)
+    return values.gather(1, by_score), indices.gather(1, by_score)
+
+
+def _chunk_topk(sim: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` of each row of ``sim`` with ties broken by the lower column.
+
+    ``torch.topk`` picks arbitrarily among values tied at the k-th place; rows where that happens
+    (more than k values >= the k-th value) are redone with a stable full sort.
+    """
+    k = min(k, sim.shape[1])
+    values, cols = torch.topk(sim, k, dim=1)
+    boundary_ties = (sim >= values[:, -1:]).sum(dim=1) > k
+    if bool(boundary_ties.any()):
+        rows = torch.nonzero(boundary_ties).flatten()
+        order = torch.argsort(sim[rows], dim=1, descending=True, stable=True)[:, :k]
+        values[rows], cols[rows] = sim[rows].gather(1, order), order
+    return _sorted_candidates(values, cols + offset)
+
+
+def search(
+    queries,
+    gallery,
+    k: int = 5,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    query_batch: int = 4096,
+    device: Device = "cpu",
+    normalize: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` gallery rows by cosine for each query: ``(scores Q×k float32, indices Q×k int64)``.
+
+    Rows are sorted by score descending; equal scores by gallery index ascending (deterministic,
+    whatever the chunking). With ``normalize=False`` the inputs are taken as already normalised
+    (the score is the plain dot product). ``k`` larger than the gallery returns every row.
+    """
+    q = _as_matrix("queries", queries)
+    g = _as_matrix("gallery", gallery, q.shape[1])
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if g.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    k = min(k, g.shape[0])
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(device)
+    qt = _unit_rows(qt) if normalize else qt
+    best_v = torch.full((len(q), 0), -math.inf, device=device)
+    best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=device)
+    for start, chunk in _chunks(g, chunk_size, device, normalize):
+        parts_v, parts_i = [], []
+        for qs in range(0, len(q), query_batch):
+            v, i = _chunk_topk(qt[qs : qs + query_batch] @ chunk.T, k, start)
+            parts_v.append(v)
+            parts_i.append(i)
+        # Earlier chunks hold lower indices, so a stable sort of [running, new] keeps index order on ties.
+        merged_v, merged_i = torch.cat([best_v, torch.cat(parts_v)], 1), torch.cat([best_i, torch.cat(parts_i)], 1)
+        order = torch.argsort(merged_v, dim=1, descending=True, stable=True)[:, :k]
+        best_v, best_i = merged_v.gather(1, order), merged_i.gather(1, order)
+    return best_v.cpu().numpy(), best_i.cpu().numpy()
+
+
+def enroll(features, identities: Sequence) -> tuple[np.ndarray, list]:
+    """One template per identity: mean of the L2-normalised features, normalised again.
+
+    Returns ``(templates I×D float32, identity labels in order of first appearance)``.
+    """
+    feats = _as_matrix("gallery features", features).astype(np.float64)
+    ids = list(identities)
+    if len(ids) != len(feats):
+        raise ValueError(f"{len(feats)} gallery features but {len(ids)} identity labels")
+    if not ids:
+        raise ValueError("the gallery is empty")
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    unit = feats / np.where(norms == 0, 1.0, norms)
+    order: dict = {}
+    for label in ids:
+        order.setdefault(label, len(order))
+    index = np.array([order[label] for label in ids])
+    sums = np.zeros((len(order), feats.shape[1]))
+    np.add.at(sums, index, unit)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.where(norms == 0, 1.0, norms)).astype(np.float32), list(order)
+
+
+def identification_metrics(
+    probe_features,
+    probe_ids: Sequence,
+    gallery_features,
+    gallery_ids: Sequence,
+    distractors=None,
+    *,
+    ranks: Sequence[int] = (1, 5, 10),
+    fpir_targets: Sequence[float] = DEFAULT_FPIR_TARGETS,
+    chunk_size: int = DEFAULT_CHUNK,
+    query_batch: int = 4096,
+    device: Device = "cpu",
+) -> dict:
+    """Closed-set CMC and open-set TPIR@FPIR of probes against an enrolled gallery (+ distractors).
+
+    See the module doc for the protocol. Keys: ``rank_<r>`` for each of ``ranks`` (over the mated
+    probes), ``cmc`` (identification rate at ranks 1..max(ranks)), ``tpir_at_fpir`` and
+    ``fpir_thresholds`` (keys like ``"1e-2"``), ``probes``, ``mated_probes``, ``non_mated_probes``,
+    ``gallery_identities``, ``distractors``. Rates without probes of their kind are NaN / absent.
+    """
+    probes = _as_matrix("probe features", probe_features)
+    dim = probes.shape[1]
+    probe_ids = list(probe_ids)
+    if len(probe_ids) != len(probes):
+        raise ValueError(f"{len(probes)} probe features but {len(probe_ids)} identity labels")
+    if len(probes) == 0:
+        raise ValueError("no probes")
+    templates, enrolled = enroll(_as_matrix("gallery features", gallery_features, dim), gallery_ids)
+    if distractors is not None:
+        distractors = _as_matrix("distractors", distractors, dim)
+    n_distractors = 0 if distractors is None else distractors.shape[0]
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+    slot = {label: i for i, label in enumerate(enrolled)}
+    mate = np.array([slot.get(label, -1) for label in probe_ids], dtype=np.int64)
+    mated = mate >= 0
+
+    pt = _unit_rows(torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32)).to(device))
+    mate_t = torch.from_numpy(mate).to(device)
+    sources = [(templates, False)] + ([(distractors, True)] if distractors is not None else [])
+
+    def score_blocks(base: np.ndarray, normalize: bool):
+        for start, chunk in _chunks(base, chunk_size, device, normalize):
+            for qs in range(0, len(probes), query_batch):
+                yield start, chunk.shape[0], slice(qs, qs + query_batch), pt[qs : qs + query_batch] @ chunk.T
+
+    # Pass 1: each mated probe's score with its own template, read off the same matmuls as pass 2,
+    # so a candidate identical to the mate ties with it exactly.
+    mate_score = torch.full((len(probes),), math.nan, device=device)
+    for start, size, sl, sim in score_blocks(templates, False):
+        local = mate_t[sl] - start
+        rows = torch.nonzero((local >= 0) & (local < size)).flatten()
+        mate_score[sl.start + rows] = sim[rows, local[rows]]
+    # Pass 2: per probe, how many other candidates score >= its mate, and the best score overall.
+    higher = torch.zeros(len(probes), dtype=torch.int64, device=device)
+    top1 = torch.full((len(probes),), -math.inf, device=device)
+    offset = 0
+    for base, normalize in sources:
+        for start, size, sl, sim in score_blocks(base, normalize):
+            top1[sl] = torch.maximum(top1[sl], sim.max(dim=1).values)
+            cols = torch.arange(offset + start, offset + start + size, device=device)
+            not_mate = cols[None, :] != mate_t[sl, None]
+            higher[sl] += ((sim >= mate_score[sl, None]) & not_mate).sum(dim=1)
+        offset += base.shape[0]
+
+    rank = (higher + 1).cpu().numpy()
+    top1_np = top1.cpu().numpy().astype(np.float64)
+    mate_np = mate_score.cpu().numpy().astype(np.float64)
+    n_mated, n_non = int(mated.sum()), int((~mated).sum())
+    max_rank = max(ranks)
+    cmc = [float(np.mean(rank[mated] <= r)) if n_mated else math.nan for r in range(1, max_rank + 1)]
+    result: dict = {f"rank_{r}": cmc[r - 1] for r in ranks}
+    result["cmc"] = cmc
+    tpir, thresholds = {}, {}
+    if n_non and n_mated:
+        nonmated_top1 = np.sort(top1_np[~mated])[::-1]
+        hit_rank1 = rank[mated] == 1
+        for target in fpir_targets:
+            if n_non * target < 1 - 1e-9:
+                continue
+            allowed = math.floor(n_non * target + 1e-9)
+            threshold = -math.inf if allowed >= n_non else float(nonmated_top1[allowed])
+            tpir[far_key(target)] = float(np.mean(hit_rank1 & (mate_np[mated] > threshold)))
+            thresholds[far_key(target)] = threshold
+    result.update({
+        "tpir_at_fpir": tpir,
+        "fpir_thresholds": thresholds,
+        "probes": len(probes),
+        "mated_probes": n_mated,
+        "non_mated_probes": n_non,
+        "gallery_identities": len(enrolled),
+        "distractors": n_distractors,
+    })
+    return result
+
+
+def evaluate_identification(
+    model,
+    gallery_images: np.ndarray,
+    gallery_ids: Sequence,
+    probe_images: np.ndarray,
+    probe_ids: Sequence,
+    distractor_images: Optional[np.ndarray] = None,
+    *,
+    flip: bool = True,
+    batch_size: int = 64,
+    device: Device = "cpu",
+    normalize: str = "arcface",
+    **metric_kwargs,
+) -> dict:
+    """Embed (flip-sum) aligned RGB uint8 images with ``model`` and run `identification_metrics`."""
+    from marginface.evaluate.runner import embed_images
+
+    def embed(images):
+        return embed_images(model, images, flip=flip, batch_size=batch_size, device=device, normalize=normalize)
+
+    if len(gallery_images) == 0 or len(probe_images) == 0:
+        raise UserError("identification needs at least one gallery image and one probe image")
+    distractors = embed(distractor_images) if distractor_images is not None and len(distractor_images) else None
+    return identification_metrics(embed(probe_images), probe_ids, embed(gallery_images), gallery_ids,
+                                  distractors, device=device, **metric_kwargs)
