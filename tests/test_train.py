@@ -151,3 +151,19 @@ def test_eval_cli_on_a_run(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["lfw_head20"]["pairs"] == 10
+
+
+def test_a_corrupt_image_is_skipped_counted_and_reported(tmp_path):
+    from marginface.data.synthetic import write_synthetic
+
+    torch.set_num_threads(1)
+    write_synthetic(str(tmp_path / "faces"), identities=8, images_per_identity=4, image_size=32)
+    bad = sorted((tmp_path / "faces").rglob("*.jpg"))[5]
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    cfg = tiny(f"data.train={tmp_path / 'faces'}", "data.val=[]", "data.num_workers=0", "train.batch_size=8",
+               "train.max_steps=8")  # 32 images / 8 = 4 steps per epoch: two epochs
+    report = Trainer(cfg, tmp_path / "run", console=False).fit()
+    assert report["train"]["steps"] == 8
+    assert report["train"]["bad_images"] >= 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "bad_images"][:1] == [1]

@@ -409,6 +409,8 @@ class Trainer:
                 log.scalars(self.step, values, prefix="train/")
                 log.progress(self.step, loss, lr, ips, eta)
                 t_log, step_log = now, self.step
+            if self.step % self.steps_per_epoch == 0:
+                self._report_bad_images(self.step // self.steps_per_epoch)
             stop = False
             if every_eval and self.step % every_eval == 0 and self.step < self.total_steps:
                 stop = self._after_eval(self._evaluate_on_main())
@@ -427,6 +429,18 @@ class Trainer:
                 break
         log.flush()
 
+    def _bad_images(self) -> int:
+        """Unreadable images skipped so far (a DataLoader source with ``data.skip_bad_images``)."""
+        dataset = getattr(self.batches, "dataset", None)
+        return dataset.bad_images() if dataset is not None and hasattr(dataset, "bad_images") else 0
+
+    def _report_bad_images(self, epoch: int) -> None:
+        count = self._bad_images()
+        if count:
+            self.logger.message(f"epoch {epoch}: {count} unreadable image(s) skipped so far (named in the warnings "
+                                f"above); training goes on")
+            self.logger.record("bad_images", self.step, {"epoch": epoch, "count": count})
+
     def _finish(self) -> dict:
         if self.val_sets and self.last_eval_step != self.step:
             self._after_eval(self._evaluate_on_main())
@@ -439,7 +453,8 @@ class Trainer:
             "train": {"steps": self.step, "images_seen": self.images_seen,
                       "images_per_second": self.images_seen / max(self.train_seconds, 1e-9),
                       "train_seconds": self.train_seconds, "wall_seconds": wall,
-                      "bad_steps": self.bad_steps_total, "device": str(self.device),
+                      "bad_steps": self.bad_steps_total, "bad_images": self._bad_images(),
+                      "device": str(self.device),
                       "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none"},
             "model": self.model_info(),
         }
