@@ -263,3 +263,14 @@ def test_count_macs_restores_training_mode():
     model = build_backbone("mobilefacenet", input_size=56).train()
     count_macs(model)
     assert all(module.training for module in model.modules())
+
+
+def test_se_iresnet_adds_squeeze_excitation_to_every_block():
+    plain, se = build_backbone("iresnet50"), build_backbone("iresnet50_se")
+    blocks = [m for m in se.modules() if type(m).__name__ == "IBasicBlock"]
+    assert len(blocks) == 24 and all(type(b.se).__name__ == "SqueezeExcite" for b in blocks)
+    # SE adds two 1x1 convs of C -> C/16 -> C per block: ~0.2M parameters on top of 43.6M
+    extra = count_parameters(se) - count_parameters(plain)
+    assert 150_000 < extra < 300_000, extra
+    small = build_backbone("iresnet50_se", input_size=32, width_mult=0.25)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)

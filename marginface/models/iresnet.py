@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from marginface.models.complexity import final_map_size, round_channels
+from marginface.models.layers import PReLU  # nn.PReLU with a fast CPU backward
+from marginface.models.mobilefacenet import SqueezeExcite
 
 IRESNET_LAYERS = MappingProxyType({
     18: (2, 2, 2, 2),
@@ -32,14 +34,18 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class IBasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    """With ``squeeze_excite`` the residual branch is gated by SE (reduction 16) before the sum:
+    the "IR-SE" block of the SE-ResNet-IR networks (face.evoLVe, Face_Pytorch)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, squeeze_excite: bool = False) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv3x3(in_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.prelu = nn.PReLU(out_channels)
+        self.prelu = PReLU(out_channels)
         self.conv2 = conv3x3(out_channels, out_channels, stride)
         self.bn3 = nn.BatchNorm2d(out_channels)
+        self.se = SqueezeExcite(out_channels, reduction=16) if squeeze_excite else nn.Identity()
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -48,13 +54,13 @@ class IBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return y + identity
+        return self.se(y) + identity
 
 
 class IResNet(nn.Module):
     def __init__(self, layers: tuple[int, ...], embedding_size: int, input_size: int,
                  widths: tuple[int, ...] = STAGE_WIDTHS, dropout: float = 0.0,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, squeeze_excite: bool = False) -> None:
         super().__init__()
         self.embedding_size = embedding_size
         self.input_size = input_size
@@ -64,12 +70,12 @@ class IResNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.conv1 = conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.prelu = nn.PReLU(widths[0])
+        self.prelu = PReLU(widths[0])
         channels = widths[0]
         stages = []
         for num_blocks, width in zip(layers, widths):
-            blocks = [IBasicBlock(channels, width, stride=2)]
-            blocks += [IBasicBlock(width, width, stride=1) for _ in range(num_blocks - 1)]
+            blocks = [IBasicBlock(channels, width, stride=2, squeeze_excite=squeeze_excite)]
+            blocks += [IBasicBlock(width, width, stride=1, squeeze_excite=squeeze_excite) for _ in range(num_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
             channels = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -99,7 +105,10 @@ def _init_weights(model: IResNet) -> None:
 
 
 def build_iresnet(depth: int, embedding_size: int, input_size: int, dropout: float = 0.0,
-                  gradient_checkpointing: bool = False, width_mult: float = 1.0) -> IResNet:
-    """`width_mult` scales the stage widths 64/128/256/512 (rounded to multiples of 8)."""
+                  gradient_checkpointing: bool = False, width_mult: float = 1.0,
+                  squeeze_excite: bool = False) -> IResNet:
+    """`width_mult` scales the stage widths 64/128/256/512 (rounded to multiples of 8);
+    `squeeze_excite` makes it the SE-IResNet ("SEResNet-IR") variant."""
     widths = tuple(round_channels(w, width_mult) for w in STAGE_WIDTHS)
-    return IResNet(IRESNET_LAYERS[depth], embedding_size, input_size, widths, dropout, gradient_checkpointing)
+    return IResNet(IRESNET_LAYERS[depth], embedding_size, input_size, widths, dropout, gradient_checkpointing,
+                   squeeze_excite)

@@ -3,7 +3,8 @@
 All share one layout (Chen et al. 2018, "MobileFaceNets", Table 1): a stride-2 3×3 stem conv, a
 (grouped) 3×3 conv, stages of inverted-residual bottlenecks, a 1×1 conv, and the GDC head:
 a global depthwise conv whose kernel covers the whole last map (so it follows `input_size`), then
-a linear projection to the embedding with BN. Non-linearities are PReLU.
+a linear projection to the embedding with BN. Non-linearities are PReLU. The layers come from
+`marginface.models.layers` (stock maths and parameters, faster CPU training; docs/performance.md).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from marginface.models.complexity import final_map_size, round_channels
+from marginface.models.layers import Conv2d, PReLU
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,9 @@ class ConvBN(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
                  groups: int = 1, activation: bool = True, padding: int | None = None) -> None:
-        conv = nn.Conv2d(in_channels, out_channels, kernel, stride,
-                         kernel // 2 if padding is None else padding, groups=groups, bias=False)
+        # layers.Conv2d: nn.Conv2d, but strided/grouped ones stay fp32 under CPU bf16 autocast (faster)
+        conv = Conv2d(in_channels, out_channels, kernel, stride,
+                      kernel // 2 if padding is None else padding, groups=groups, bias=False)
         # He init for the non-linearity that follows (PReLU starts at slope 0.25, else none), so
         # activations stay O(1) even in eval mode before any training.
         if activation:
@@ -81,7 +84,7 @@ class ConvBN(nn.Sequential):
             nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
         layers: list[nn.Module] = [conv, nn.BatchNorm2d(out_channels)]
         if activation:
-            layers.append(nn.PReLU(out_channels))
+            layers.append(PReLU(out_channels))
         super().__init__(*layers)
 
 
@@ -92,7 +95,7 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         hidden = round_channels(channels / reduction)
         self.reduce = nn.Conv2d(channels, hidden, 1)
-        self.act = nn.PReLU(hidden)
+        self.act = PReLU(hidden)
         self.expand = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ class BackboneEntry:
 
     def option_names(self) -> tuple[str, ...]:
         params = inspect.signature(self.build).parameters
-        return tuple(name for name in params if name not in ("embedding_size", "input_size"))
+        fixed = getattr(self.build, "keywords", {})  # options a registry entry binds (e.g. squeeze_excite)
+        return tuple(name for name in params if name not in ("embedding_size", "input_size", *fixed))
 
 
 BACKBONES = MappingProxyType({
@@ -41,6 +42,9 @@ BACKBONES = MappingProxyType({
     "mobilefacenet_se": BackboneEntry(partial(build_mobilefacenet, MOBILEFACENET_SE), 256),
     "mbf": BackboneEntry(partial(build_mobilefacenet, MBF), 512),
     **{f"iresnet{depth}": BackboneEntry(partial(build_iresnet, depth), 512) for depth in IRESNET_LAYERS},
+    # SE-IResNet ("SEResNet50-IR" of Face_Pytorch / face.evoLVe's IR-SE): squeeze-excitation per block
+    **{f"iresnet{depth}_se": BackboneEntry(partial(build_iresnet, depth, squeeze_excite=True), 512)
+       for depth in (50, 100)},
     "resnet50": BackboneEntry(build_resnet50, 512),
 })
 
@@ -54,6 +58,7 @@ OPTION_CHECKS: MappingProxyType[str, tuple[Callable[[Any], bool], str]] = Mappin
     "width_mult": (lambda v: _is_number(v) and 0 < v <= 4, "a number in (0, 4]"),
     "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
+    "squeeze_excite": (lambda v: isinstance(v, bool), "true or false"),
     "pretrained": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a file path or null"),
 })
 

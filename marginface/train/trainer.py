@@ -19,7 +19,7 @@ from torch import nn
 
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.train import distributed, setup
+from marginface.train import distributed, malloc, setup
 from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, save_atomic
 from marginface.train.loggers import RunLogger, format_table
@@ -72,6 +72,10 @@ class Trainer:
         self.source = setup.build_train_source(cfg.data, size)
         self.val_sets = setup.build_val_sets(cfg.data, size)
         self.backbone = setup.build_model(cfg.model).to(self.device)
+        if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
+            from marginface.models.layers import set_fast_layers
+
+            set_fast_layers(self.backbone, False)
         self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes,
                                            rank=self.dist.rank, world_size=self.dist.world_size,
                                            seed=cfg.train.seed).to(self.device)
@@ -336,10 +340,14 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._on_signal)
+        # CPU: glibc keeps freed memory for the run, so each step stops re-faulting gigabytes of fresh pages
+        keep_memory = self.device.type == "cpu" and self.cfg.train.cpu_keep_memory and malloc.keep_freed_memory(True)
         try:
             self._loop()
             return self._finish()
         finally:
+            if keep_memory:
+                malloc.restore_default()
             for s, h in previous.items():
                 signal.signal(s, h)
             self.logger.close()

@@ -1,0 +1,131 @@
+"""Layers with faster CPU training paths than their stock PyTorch versions (same parameters, same maths).
+
+`PReLU` is `nn.PReLU` (a subclass: same ``weight`` parameter, same state_dict keys, same
+``isinstance`` for the export rewrites in `marginface.deploy.fold`) whose backward is built from
+cheap vectorised elementwise kernels. Why: in torch 2.x on CPU ``aten::_prelu_kernel_backward`` runs
+at ~1 GB/s (about 120 ms for one 64×128×56×56 fp32 map on 2 cores, 15x a plain elementwise pass)
+and was a quarter of an `mbf` training step (see docs/performance.md). The forward stays
+``torch.prelu`` (fast); the backward is
+
+    g_pos = threshold_backward(g, x, 0)          # g where x > 0, else 0 (exactly PReLU's rule at 0)
+    g_neg = g - g_pos                            # g where x <= 0
+    grad_x = g_pos + weight * g_neg
+    grad_weight = sum over all but the channel dim of (g_neg * x)   (fp32 accumulation)
+
+four passes and two allocations instead of the slow fused kernel. The fast path is used only when a
+gradient is wanted, in eager mode on CPU; under `torch.compile`, `torch.export` / ONNX export,
+TorchScript tracing and on other devices the layer is exactly ``F.prelu`` (inductor generates a
+fused kernel for it; exporters see the stock op).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _channel_view(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` (C or 1 values) shaped to broadcast against ``x`` along dim 1."""
+    if weight.numel() == 1 or x.dim() < 2:
+        return weight.reshape(())
+    return weight.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _PReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.prelu(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        g_pos = torch.ops.aten.threshold_backward(grad, x, 0)
+        g_neg = grad - g_pos
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = g_pos.addcmul_(g_neg, _channel_view(weight, x).to(g_neg.dtype))  # g_pos is ours: in place
+        if need_w:
+            prod = g_neg.mul_(x)  # g_neg is ours too
+            acc = torch.promote_types(prod.dtype, torch.float32)  # bf16/fp16 sum in fp32
+            if weight.numel() == 1 or x.dim() < 2:
+                grad_w = prod.sum(dtype=acc)
+            else:
+                dims = [0] + list(range(2, x.dim()))
+                grad_w = prod.sum(dims, dtype=acc)
+            grad_w = grad_w.reshape(weight.shape).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def _use_fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not torch.onnx.is_in_onnx_export()
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` with a fast CPU backward (see the module docstring); a drop-in replacement."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return F.prelu(x, self.weight)
+        if _use_fast_path(x, self.weight):
+            return _PReLUFunction.apply(x, self.weight)
+        return F.prelu(x, self.weight)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs in fp32 under CPU bf16 autocast when it is a grouped convolution that
+    oneDNN handles badly in bf16: strided depthwise (its input gradient takes ~150 ms for a
+    64×128×56×56 map in bf16, 4-36 ms in fp32) and groups of more than one channel (`mbf`'s stem,
+    2 channels per group: bf16 weight gradient 2x slower than fp32). Dense and stride-1 depthwise
+    convolutions stay in bf16. Same parameters and state_dict as ``nn.Conv2d``; outside CPU autocast
+    it is exactly ``nn.Conv2d``. Measured in docs/performance.md.
+    """
+
+    @property
+    def fp32_under_cpu_autocast(self) -> bool:
+        return self.groups > 1 and (max(self.stride) > 1 or self.in_channels // self.groups > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return self._conv_forward(x, self.weight, self.bias)
+        if (x.device.type == "cpu" and self.fp32_under_cpu_autocast and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            with torch.autocast("cpu", enabled=False):
+                return self._conv_forward(x.float(), self.weight, self.bias)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def _swap_class(model: nn.Module, pairs: tuple, enabled: bool) -> int:
+    """Switch modules between a stock class and its fast subclass in place (only the class changes:
+    parameters, buffers, hooks and state_dict keys stay). Returns how many were switched."""
+    count = 0
+    for module in model.modules():
+        for stock, fast in pairs:
+            if type(module) in (stock, fast):
+                target = fast if enabled else stock
+                if type(module) is not target:
+                    module.__class__ = target
+                    count += 1
+    return count
+
+
+def set_fast_prelu(model: nn.Module, enabled: bool = True) -> int:
+    """Every PReLU of ``model`` to the fast layer (``enabled``) or to the stock ``nn.PReLU``."""
+    return _swap_class(model, ((nn.PReLU, PReLU),), enabled)
+
+
+def set_fast_conv(model: nn.Module, enabled: bool = True) -> int:
+    """Every Conv2d of ``model`` to `Conv2d` (grouped ones in fp32 under CPU autocast) or to ``nn.Conv2d``."""
+    return _swap_class(model, ((nn.Conv2d, Conv2d),), enabled)
+
+
+def set_fast_layers(model: nn.Module, enabled: bool = True) -> int:
+    """Both switches (``train.fast_layers``); the backbones are built with the fast layers on."""
+    return set_fast_prelu(model, enabled) + set_fast_conv(model, enabled)
