@@ -30,11 +30,13 @@ JSON object; ``--markdown`` adds the table for docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -229,7 +231,8 @@ def run_model(name: str, specs: list, args, device: torch.device, batch: int, st
             r.v.faults.append((_faults() - f0) // steps)
             torch.set_num_threads(default_threads)
         log(f"{name}: round {rnd + 1}/{args.rounds} done, load {_load()}")
-    malloc.keep_freed_memory(False)
+    if device.type == "cpu":
+        malloc.keep_freed_memory(False)
     base = variants[0]
     flops_per_image = 6 * (macs + backbone.embedding_size * args.classes)  # 2 FLOPs/MAC x 3 (fwd + bwd)
     results = {}
@@ -326,7 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     if not args.warm_compile_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+        cache = tempfile.mkdtemp(prefix="inductor-cold-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")

@@ -98,10 +98,19 @@ def test_fast_prelu_is_a_drop_in_for_checkpoints_and_deploy():
     assert list(model.state_dict()) == list(stock.state_dict())  # same keys: `...weight`
     stock.load_state_dict(model.state_dict())
     assert set_fast_prelu(stock, True) == len(prelus) and set_fast_prelu(stock, True) == 0
-    from marginface.deploy.fold import MaxFormPReLU, rewrite_prelu
+    from marginface.deploy.fold import MaxFormPReLU, count_batchnorm, fold_batchnorm, rewrite_prelu
 
     rewritten = rewrite_prelu(copy.deepcopy(model))
     assert sum(isinstance(m, MaxFormPReLU) for m in rewritten.modules()) == len(prelus)
+    # torch.fx sees the fast layers as leaf modules (call_module), so every BN still folds
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert count_batchnorm(folded) == 0
+    calls = {n.target for n in folded.graph.nodes if n.op == "call_module"}
+    assert "stem.0.2" in calls and "stem.0.0" in calls  # the first PReLU and conv, as nodes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), rtol=1e-4, atol=1e-4)
     iresnet = build_backbone("iresnet18", input_size=32, width_mult=0.25)
     assert type(iresnet.prelu) is PReLU and "prelu.weight" in iresnet.state_dict()
 

@@ -1,10 +1,14 @@
 """Layers with faster CPU training paths than their stock PyTorch versions (same parameters, same maths).
 
+The backbones are built with them; `set_fast_layers(model, False)` (``train.fast_layers: false``)
+switches a model back to the stock classes in place. Under ``torch.fx`` tracing each one is a single
+``call_module`` node like the torch.nn layer it extends. Measured in docs/performance.md.
+
 `PReLU` is `nn.PReLU` (a subclass: same ``weight`` parameter, same state_dict keys, same
 ``isinstance`` for the export rewrites in `marginface.deploy.fold`) whose backward is built from
 cheap vectorised elementwise kernels. Why: in torch 2.x on CPU ``aten::_prelu_kernel_backward`` runs
 at ~1 GB/s (about 120 ms for one 64×128×56×56 fp32 map on 2 cores, 15x a plain elementwise pass)
-and was a quarter of an `mbf` training step (see docs/performance.md). The forward stays
+and was a fifth of an `mbf` training step. The forward stays
 ``torch.prelu`` (fast); the backward is
 
     g_pos = threshold_backward(g, x, 0)          # g where x > 0, else 0 (exactly PReLU's rule at 0)
@@ -16,10 +20,13 @@ four passes and two allocations instead of the slow fused kernel. The fast path 
 gradient is wanted, in eager mode on CPU; under `torch.compile`, `torch.export` / ONNX export,
 TorchScript tracing and on other devices the layer is exactly ``F.prelu`` (inductor generates a
 fused kernel for it; exporters see the stock op).
+
+`Conv2d` keeps the grouped convolutions that oneDNN runs slowly in bf16 in fp32 under CPU autocast.
 """
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,6 +65,14 @@ class _PReLUFunction(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _fx_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Under ``torch.fx`` symbolic tracing: record ``module`` as one ``call_module`` node, as fx does
+    for torch.nn's own layers (it traces into classes defined elsewhere). Keeps BN folding
+    (`marginface.deploy.fold`) and the PReLU rewrite working on models built with these layers."""
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
+
+
 def _use_fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or not torch.is_grad_enabled():
         return False
@@ -74,6 +89,8 @@ class PReLU(nn.PReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles only this branch
             return F.prelu(x, self.weight)
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         if _use_fast_path(x, self.weight):
             return _PReLUFunction.apply(x, self.weight)
         return F.prelu(x, self.weight)
@@ -95,6 +112,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles only this branch
             return self._conv_forward(x, self.weight, self.bias)
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         if (x.device.type == "cpu" and self.fp32_under_cpu_autocast and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16):
             with torch.autocast("cpu", enabled=False):

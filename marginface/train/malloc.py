@@ -12,7 +12,7 @@ peak (~+30% for that run). The same effect as running under jemalloc/tcmalloc (`
 without needing either.
 
 Process-wide and not undone by the garbage collector: the trainer calls `keep_freed_memory` once
-when it trains on the CPU (``train.cpu_keep_memory``); `restore_default` puts glibc's defaults back.
+when it trains on the CPU (``train.cpu_keep_memory``) and `restore_default` when ``fit`` returns.
 A no-op returning False where the C library is not glibc (macOS, Windows, musl).
 """
 from __future__ import annotations
@@ -23,8 +23,13 @@ import sys
 from typing import Optional
 
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's defaults
+# Setting any of these turns glibc's dynamic mmap/trim thresholds off for good, so "restore" sets the
+# values they converge to in a PyTorch process (the mmap threshold grows to the largest freed block,
+# capped at 32 MiB; the trim threshold follows at twice that) and glibc's default mmap count.
+RESTORED_MMAP_THRESHOLD = 32 * 1024 * 1024
+RESTORED_TRIM_THRESHOLD = 2 * RESTORED_MMAP_THRESHOLD
 DEFAULT_MMAP_MAX = 65536
 _KEEP_TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt's int takes: never trim in practice
 
@@ -47,17 +52,19 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
-    """Serve big allocations from the heap and keep freed memory (``enabled``), or restore glibc's
-    defaults (``enabled=False``). Returns True when glibc accepted the settings."""
+    """Serve big allocations from the heap and keep freed memory (``enabled``), or go back to glibc's
+    usual behaviour (``enabled=False``: mmap for blocks over 32 MiB, trimming, the kept heap returned).
+    Returns True when glibc accepted the settings."""
     libc = _glibc()
     if libc is None:
         return False
     if enabled:
         ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1
     else:
-        ok = libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX) == 1 and \
-            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD) == 1
-        libc.malloc_trim(0)
+        ok = (libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX) == 1
+              and libc.mallopt(M_MMAP_THRESHOLD, RESTORED_MMAP_THRESHOLD) == 1
+              and libc.mallopt(M_TRIM_THRESHOLD, RESTORED_TRIM_THRESHOLD) == 1)
+        libc.malloc_trim(0)  # give the kept heap back
     _state["keeping"] = bool(enabled and ok)
     return ok
 
