@@ -30,26 +30,9 @@ from marginface.errors import UserError
 GROUP_PHOTOS = {"couple.jpg", "img11_reflection.jpg", "selfie-many-people.jpg"}
 
 
-def shared_data() -> Path:
-    env = os.environ.get("MARGINFACE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import need  # noqa: E402  (tests/shared_data.py)
 
 
-def need(rel: str) -> Path:
-    path = shared_data() / rel
-    if not path.exists():
-        pytest.skip(f"shared sample data {path} is absent (set MARGINFACE_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small convolutions: with 2 threads on a busy 2-core box OpenMP spin-waiting makes them
-    10x slower; one thread is immune to that."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

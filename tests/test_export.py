@@ -3,7 +3,6 @@ metadata, atomic writes, int8 accuracy and size, the size targets, `bench` and t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -23,25 +22,9 @@ from marginface.evaluate.runner import evaluate_pair_set
 from marginface.models import build_backbone
 
 
-def shared_data() -> Path:
-    env = os.environ.get("MARGINFACE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import need  # noqa: E402  (tests/shared_data.py)
 
 
-def need(rel: str) -> Path:
-    path = shared_data() / rel
-    if not path.exists():
-        pytest.skip(f"shared sample data {path} is absent (set MARGINFACE_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small convolutions on a busy 2-core box: one thread avoids OpenMP spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

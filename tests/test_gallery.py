@@ -3,7 +3,6 @@ model fingerprints, and enrol/search on real photos (johns: rank-1 on held-out i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +17,9 @@ FOREIGN = "weights/mobilefacenet_onnx/MobileFaceNet.onnx"
 ENROLLED_PER_IDENTITY = 5
 
 
-def shared_data() -> Path:
-    env = os.environ.get("MARGINFACE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import need  # noqa: E402  (tests/shared_data.py)
 
 
-def need(rel: str) -> Path:
-    path = shared_data() / rel
-    if not path.exists():
-        pytest.skip(f"shared sample data {path} is absent (set MARGINFACE_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def unit_rows(rng, n, d):

@@ -1,0 +1,13 @@
+"""Suite-wide settings."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """Small convolutions on a busy 2-core box: with 2 threads OpenMP spin-waiting makes them up to
+    10x slower; one thread is immune to that (and keeps timings out of the tests' way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
