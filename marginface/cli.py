@@ -182,6 +182,63 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_identify(args) -> int:
+    from marginface.evaluate import identification as ident
+
+    for name, value in (("--top", args.top), ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    bad = [f for f in args.fpir if not 0 < f <= 1]
+    if bad:
+        raise UserError(f"--fpir: each target must be in (0, 1], got {bad[0]}")
+    import torch
+
+    from marginface.deploy.load import load_model
+
+    model = load_model(args.model, normalize=args.normalize)  # the same loader as `eval`
+    device = _eval_device(args.device, model)
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+    log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    result = ident.evaluate_identification_folders(
+        model, args.gallery, args.probes, args.distractors or [], flip=not args.no_flip,
+        batch_size=args.batch_size, device=device, normalize=args.normalize, ranks=sorted({1, args.top}),
+        fpir_targets=args.fpir, chunk_size=args.chunk_size, log=log)
+    written = ident.write_identification_report(args.out, result) if args.out else None
+    if args.json:
+        from marginface.evaluate.report import json_safe
+
+        _print_json(json_safe(result))
+    else:
+        print(ident.format_identification(result))
+        if written:
+            print(f"report: {written['md']}, {written['json']}")
+    return 0
+
+
+def _add_identify_parser(sub) -> None:
+    i = sub.add_parser("identify", help="1:N identification: gallery and probe identity folders (+ distractors)",
+                       description="Enrol DIR/<identity>/*.jpg of --gallery (one template per identity), search "
+                                   "every probe image among the templates and the distractors; report rank-r "
+                                   "identification rates and open-set TPIR@FPIR. Protocol: docs/evaluation.md.")
+    i.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    i.add_argument("--gallery", required=True, help="identity folders to enrol: DIR/<identity>/*.jpg")
+    i.add_argument("--probes", required=True, help="identity folders to search; identities without a gallery "
+                                                   "folder are non-mated (open-set) probes")
+    i.add_argument("--distractors", nargs="+", action="extend", metavar="DIR_OR_NPY",
+                   help="folders of images (any depth) or .npy N x D features from the same model and flip setting")
+    i.add_argument("--top", type=int, default=5, help="report rank-1 and rank-TOP (default 5)")
+    i.add_argument("--fpir", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3], help="FPIR targets for TPIR@FPIR")
+    i.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
+    i.add_argument("--batch-size", type=int, default=128)
+    i.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    i.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
+    i.add_argument("--chunk-size", type=int, default=65536, help="candidates scored per matmul (bounds memory)")
+    i.add_argument("--out", help="directory for identification.json and identification.md")
+    i.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    i.set_defaults(func=cmd_identify)
+
+
 # ---------------------------------------------------------------------------------------------- data
 def cmd_data_synth(args) -> int:
     from marginface.data.synthetic import write_synthetic
@@ -499,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print two runs' report.json eval side by side (set x metric, B - A)")
     e.add_argument("--json", action="store_true", help="print the eval object (or the comparison) as JSON")
     e.set_defaults(func=cmd_eval)
+
+    _add_identify_parser(sub)
 
     d = sub.add_parser("data", help="make, inspect and convert datasets")
     dsub = d.add_subparsers(dest="data_command", parser_class=_Parser, required=True)

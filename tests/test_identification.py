@@ -157,7 +157,7 @@ def reference_identification(probes, probe_ids, gallery, gallery_ids, distractor
 
 
 @pytest.mark.parametrize("chunk_size,query_batch", [(5, 3), (13, 100), (65536, 4096)])
-def test_metrics_match_brute_force_on_random_data(chunk_size, query_batch):
+def test_metrics_match_brute_force_on_random_data(chunk_size, query_batch, tmp_path):
     rng = np.random.default_rng(2)
     dim, n_ids = 8, 12
     centres = rng.standard_normal((n_ids + 5, dim))
@@ -175,6 +175,15 @@ def test_metrics_match_brute_force_on_random_data(chunk_size, query_batch):
     assert 0 < cmc[0] < cmc[9] <= 1  # a non-trivial case
     assert m["tpir_at_fpir"] == pytest.approx({"5e-2": tpir[0.05], "1e-1": tpir[0.1], "3e-1": tpir[0.3]})
     assert m["non_mated_probes"] == sum(p >= n_ids for p in probe_ids)
+
+    # distractors in parts (a folder's features plus a memory-mapped .npy): the same as one matrix
+    path = tmp_path / "d.npy"
+    np.save(path, distractors[20:].astype(np.float32))
+    parts = [distractors[:20], np.load(path, mmap_mode="r")]
+    split = identification_metrics(probes, probe_ids, gallery, gallery_ids, parts, ranks=(1, 5, 10),
+                                   fpir_targets=targets, chunk_size=chunk_size, query_batch=query_batch)
+    assert split["distractors"] == 47 and split["cmc"] == pytest.approx(cmc)
+    assert split["tpir_at_fpir"] == pytest.approx(m["tpir_at_fpir"])
 
 
 def test_evaluate_identification_embeds_with_flip_sum():

@@ -217,3 +217,31 @@ def test_template_scores_match_hand_computation(tmp_path):
     unweighted = evaluate_ijb(model, tmp_path / "IJBC", detector_score=False, return_scores=True)[1][0]
     np.testing.assert_allclose(unweighted, hand_template_scores(flip_sum, info), atol=1e-5)
     assert not np.allclose(unweighted, scores, atol=1e-4)  # the weights matter
+
+
+@needs_lfw_mini
+def test_noflip_block_comes_from_the_plain_view(tmp_path):
+    """Like the pair sets: flip-sum at the top level, the plain features' metrics in ``noflip``."""
+    info = make_ijb(tmp_path / "IJBC")
+    model = PooledProjection(seed=3)
+    plain = direct(model, info["crops"])
+    with_flip = hand_template_scores((plain + direct(model, hflip(info["crops"]))) * info["scores"][:, None], info)
+    without = hand_template_scores(plain * info["scores"][:, None], info)
+    assert not np.allclose(with_flip, without, atol=1e-3)  # this model is not mirror-symmetric
+
+    metrics = evaluate_ijb(model, tmp_path / "IJBC", batch_size=4)
+    assert metrics["flip"] is True
+    assert set(metrics["noflip"]) == {"tar_at_far", "auc", "eer", "pos_mean", "neg_mean"}
+    noflip = metrics["noflip"]
+    assert noflip["auc"] == pytest.approx(roc_auc(without, info["labels"]), abs=1e-9)
+    assert noflip["pos_mean"] == pytest.approx(without[info["labels"]].mean(), abs=1e-5)
+    assert metrics["pos_mean"] == pytest.approx(with_flip[info["labels"]].mean(), abs=1e-5)
+    assert noflip["pos_mean"] != pytest.approx(metrics["pos_mean"], abs=1e-4)
+    assert noflip["neg_mean"] != pytest.approx(metrics["neg_mean"], abs=1e-4)
+
+    # --no-flip: the plain result at the top level, no noflip block, the same numbers as above
+    plain_only = evaluate_ijb(model, tmp_path / "IJBC", flip=False, batch_size=4)
+    assert plain_only["flip"] is False and "noflip" not in plain_only
+    for key in ("auc", "eer", "pos_mean", "neg_mean"):
+        assert plain_only[key] == pytest.approx(noflip[key], abs=1e-12)
+    assert plain_only["tar_at_far"] == pytest.approx(noflip["tar_at_far"])

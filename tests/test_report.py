@@ -236,6 +236,7 @@ def test_eval_cli_suite_report_and_compare(run_dir, tmp_path, capsys):
         assert key in lfw, key
     assert lfw["pairs"] == 20 and lfw["flip"] is True and "accuracy" in lfw["noflip"]
     assert results["ijbc"]["pairs"] == 66 and set(results["ijbc"]["tar_at_far"]) == {"1e-1"}
+    assert results["ijbc"]["flip"] is True and "auc" in results["ijbc"]["noflip"]  # IJB: both, as the pair sets
     # --out defaults to the run directory: its report keeps the training sections
     report = load_report(run_dir)
     assert list(report["eval"]) == ["synthetic", "lfw_mini", "ijbc"] and report["train"]["steps"] == 1

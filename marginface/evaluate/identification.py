@@ -24,7 +24,9 @@ running counts, so 1M distractors × 512-d (2 GB as float32, may be an ``np.memm
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -58,7 +60,10 @@ def _chunks(base: np.ndarray, chunk_size: int, device: Device, normalize: bool) 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for start in range(0, base.shape[0], chunk_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(base[start : start + chunk_size], dtype=np.float32)).to(device)
+        rows = np.ascontiguousarray(base[start : start + chunk_size], dtype=np.float32)
+        if not rows.flags.writeable:  # a read-only np.memmap: torch.from_numpy warns on those
+            rows = rows.copy()
+        chunk = torch.from_numpy(rows).to(device)
         yield start, (_unit_rows(chunk) if normalize else chunk)
 
 
@@ -149,6 +154,20 @@ def enroll(features, identities: Sequence) -> tuple[np.ndarray, list]:
     return (sums / np.where(norms == 0, 1.0, norms)).astype(np.float32), list(order)
 
 
+def _distractor_matrices(distractors, dim: int) -> list:
+    """None, one N×D matrix, or a list of them -> a list of matrices.
+
+    A list is searched part after part and never concatenated, so each part (e.g. a 1M-row
+    ``np.memmap`` of precomputed features) stays on disk until its chunks are read.
+    """
+    if distractors is None:
+        return []
+    many = isinstance(distractors, (list, tuple)) and all(
+        isinstance(d, np.ndarray) and d.ndim == 2 for d in distractors)
+    parts = list(distractors) if many else [distractors]
+    return [_as_matrix("distractors", d, dim) for d in parts]
+
+
 def identification_metrics(
     probe_features,
     probe_ids: Sequence,
@@ -168,6 +187,7 @@ def identification_metrics(
     probes), ``cmc`` (identification rate at ranks 1..max(ranks)), ``tpir_at_fpir`` and
     ``fpir_thresholds`` (keys like ``"1e-2"``), ``probes``, ``mated_probes``, ``non_mated_probes``,
     ``gallery_identities``, ``distractors``. Rates without probes of their kind are NaN / absent.
+    ``distractors`` is one N×D matrix or a list of them (see `_distractor_matrices`).
     """
     probes = _as_matrix("probe features", probe_features)
     dim = probes.shape[1]
@@ -177,9 +197,8 @@ def identification_metrics(
     if len(probes) == 0:
         raise ValueError("no probes")
     templates, enrolled = enroll(_as_matrix("gallery features", gallery_features, dim), gallery_ids)
-    if distractors is not None:
-        distractors = _as_matrix("distractors", distractors, dim)
-    n_distractors = 0 if distractors is None else distractors.shape[0]
+    distractor_sets = _distractor_matrices(distractors, dim)
+    n_distractors = sum(d.shape[0] for d in distractor_sets)
     if not ranks or min(ranks) < 1:
         raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
     slot = {label: i for i, label in enumerate(enrolled)}
@@ -188,7 +207,7 @@ def identification_metrics(
 
     pt = _unit_rows(torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32)).to(device))
     mate_t = torch.from_numpy(mate).to(device)
-    sources = [(templates, False)] + ([(distractors, True)] if distractors is not None else [])
+    sources = [(templates, False)] + [(d, True) for d in distractor_sets]
 
     def score_blocks(base: np.ndarray, normalize: bool):
         for start, chunk in _chunks(base, chunk_size, device, normalize):
@@ -270,3 +289,182 @@ def evaluate_identification(
     distractors = embed(distractor_images) if distractor_images is not None and len(distractor_images) else None
     return identification_metrics(embed(probe_images), probe_ids, embed(gallery_images), gallery_ids,
                                   distractors, device=device, **metric_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity folders on disk (`marginface identify`)
+
+IMAGES_PER_BLOCK = 2048  # images decoded at once: bounded memory whatever the folder size
+
+
+def _identity_folder(role: str, root: Union[str, Path]):
+    """``root/<identity>/*.jpg`` as a `FolderSource`; its errors say which folder (gallery/probes) failed."""
+    from marginface.data.sources import FolderSource
+
+    try:
+        return FolderSource(root)
+    except UserError as exc:
+        raise UserError(f"{role}: {exc}") from None
+
+
+def _open_feature_matrix(path: Path) -> np.ndarray:
+    """A ``.npy`` N×D float feature matrix, memory-mapped (1M × 512 stays on disk)."""
+    try:
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: distractor feature file not found") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable .npy feature matrix ({exc})") from None
+    if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
+        raise UserError(f"{path}: expected an N×D float feature matrix, got shape {matrix.shape} {matrix.dtype}")
+    return matrix
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Every image under ``root`` (any depth: MegaFace's distractors sit in nested folders), sorted."""
+    from marginface.data.sources import IMAGE_EXTENSIONS
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"distractors: {root}: no images found")
+    return files
+
+
+def _open_distractors(spec: Union[str, Path]) -> Union[np.ndarray, list[Path]]:
+    """A distractor argument: a feature matrix (``.npy``) or the image files of a folder."""
+    path = Path(spec)
+    if path.is_dir():
+        return _image_files(path)
+    if path.suffix.lower() == ".npy":
+        return _open_feature_matrix(path)
+    raise UserError(f"distractors: {path}: expected a folder of images or a .npy feature matrix")
+
+
+def evaluate_identification_folders(
+    model,
+    gallery: Union[str, Path],
+    probes: Union[str, Path],
+    distractors: Sequence[Union[str, Path]] = (),
+    *,
+    flip: bool = True,
+    batch_size: int = 128,
+    device: Device = "cpu",
+    normalize: Optional[str] = None,
+    ranks: Sequence[int] = (1, 5),
+    fpir_targets: Sequence[float] = DEFAULT_FPIR_TARGETS,
+    chunk_size: int = DEFAULT_CHUNK,
+    log=None,
+) -> dict:
+    """`identification_metrics` of identity folders ``gallery`` and ``probes`` (``DIR/<identity>/*.jpg``).
+
+    Probes whose identity has no gallery folder are the non-mated (open-set) probes. Each
+    distractor is a folder of images (any depth, no identities) or a ``.npy`` N×D feature matrix
+    made with the same model and flip setting (memory-mapped). Images are resized to the model's
+    input size as the pair-set readers do, then embedded with `embed_images` (flip-sum unless
+    ``flip=False``), ``IMAGES_PER_BLOCK`` at a time. The result adds ``gallery_images``, ``flip``,
+    ``fpir_targets`` (as requested; `tpir_at_fpir` holds those the non-mated probes support) and
+    ``sources`` (the paths) to the metrics.
+    """
+    from marginface.data.sources import read_image_file
+    from marginface.data.verification import resize_image
+    from marginface.evaluate.runner import embed_images
+
+    normalize = normalize or getattr(model, "normalize", None) or "arcface"
+    image_size = getattr(model, "input_size", None) or 112
+    # Every cheap check before the first (slow) forward pass.
+    gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
+    opened = [(Path(spec), _open_distractors(spec)) for spec in distractors]
+    if not set(probe_src.identities) & set(gallery_src.identities):
+        raise UserError(f"probes: none of the {probe_src.num_classes} identities of {probes} has a folder in "
+                        f"the gallery {gallery} (identity folder names must match)")
+
+    def embed(what: str, read, count: int) -> np.ndarray:
+        if log:
+            log(f"embedding {what}: {count} images")
+        blocks = []
+        for start in range(0, count, IMAGES_PER_BLOCK):
+            stop = min(start + IMAGES_PER_BLOCK, count)
+            images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
+            blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
+                                       normalize=normalize))
+        return np.concatenate(blocks)
+
+    gallery_feats = embed("gallery", gallery_src.read, len(gallery_src))
+    dim = gallery_feats.shape[1]
+    for path, part in opened:  # checked before embedding the probes and distractor folders
+        if isinstance(part, np.ndarray) and part.shape[1] != dim:
+            raise UserError(f"{path}: distractor features have {part.shape[1]} dimensions, the model's have {dim}")
+    probe_feats = embed("probes", probe_src.read, len(probe_src))
+    distractor_feats = []
+    for path, part in opened:
+        if isinstance(part, np.ndarray):
+            distractor_feats.append(part)
+        else:
+            files = part
+            distractor_feats.append(embed(f"distractors {path}", lambda i: read_image_file(files[i]), len(files)))
+
+    def names(src) -> list[str]:  # identity labels are the folder names, so gallery and probes match by name
+        return [src.identities[label] for label in src.labels]
+
+    if log:
+        log(f"searching {len(probe_feats)} probes against {gallery_src.num_classes} identities + "
+            f"{sum(len(d) for d in distractor_feats)} distractors")
+    result = identification_metrics(probe_feats, names(probe_src), gallery_feats, names(gallery_src),
+                                    distractor_feats or None, ranks=ranks, fpir_targets=fpir_targets,
+                                    chunk_size=chunk_size, device=device)
+    result.update({"gallery_images": len(gallery_src), "flip": flip, "fpir_targets": list(fpir_targets),
+                   "sources": {"gallery": str(gallery), "probes": str(probes),
+                               "distractors": [str(path) for path, _ in opened]}})
+    return result
+
+
+def _rate(value) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"
+
+
+def _rank_keys(result: dict) -> list[str]:
+    return sorted((k for k in result if k.startswith("rank_")), key=lambda k: int(k[5:]))
+
+
+def format_identification(result: dict) -> str:
+    """Console summary: counts, rank-r rates, TPIR@FPIR with its threshold."""
+    lines = [f"gallery: {result['gallery_identities']} identities ({result['gallery_images']} images); "
+             f"probes: {result['probes']} ({result['mated_probes']} mated, {result['non_mated_probes']} non-mated); "
+             f"distractors: {result['distractors']}; {'flip-sum' if result['flip'] else 'no flip'}"]
+    lines.append("  ".join(f"rank-{k[5:]} {_rate(result[k])}" for k in _rank_keys(result)))
+    for key, tpir in result["tpir_at_fpir"].items():
+        lines.append(f"TPIR@FPIR={key} {_rate(tpir)} (threshold {result['fpir_thresholds'][key]:.4f})")
+    missing = [far_key(t) for t in result.get("fpir_targets", ()) if far_key(t) not in result["tpir_at_fpir"]]
+    if missing:
+        lines.append(f"TPIR@FPIR={', '.join(missing)}: not reported ({result['non_mated_probes']} non-mated probes; "
+                     f"FPIR f needs at least 1/f probe images whose identity has no gallery folder)")
+    return "\n".join(lines)
+
+
+def write_identification_report(out_dir: Union[str, Path], result: dict) -> dict:
+    """``identification.json`` and ``identification.md`` in ``out_dir``, each written atomically."""
+    from marginface.evaluate.report import json_safe, write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "identification.json", out / "identification.md"
+    write_atomic(json_path, json.dumps(json_safe(result), indent=2) + "\n")
+    src = result["sources"]
+    rows = [(f"rank-{k[5:]}", _rate(result[k]), "") for k in _rank_keys(result)]
+    rows += [(f"TPIR@FPIR={k}", _rate(v), f"{result['fpir_thresholds'][k]:.4f}")
+             for k, v in result["tpir_at_fpir"].items()]
+    distractors = f"Distractors: {result['distractors']}"
+    if src["distractors"]:
+        distractors += " (" + ", ".join(f"`{d}`" for d in src["distractors"]) + ")"
+    md = ["# Identification report", "",
+          f"Gallery `{src['gallery']}`: {result['gallery_identities']} identities, {result['gallery_images']} images. "
+          f"Probes `{src['probes']}`: {result['probes']} ({result['mated_probes']} mated, "
+          f"{result['non_mated_probes']} non-mated). {distractors}. "
+          f"Embeddings: {'flip-sum' if result['flip'] else 'no flip'}.", "",
+          "| metric | value | threshold (cos) |", "|---|---:|---:|"]
+    md += [f"| {name} | {value} | {threshold} |" for name, value, threshold in rows]
+    md += ["", "Protocol: docs/evaluation.md (1:N identification). Rank-r rates are over the mated probes; "
+               "TPIR@FPIR needs non-mated probes (probe identities without a gallery folder).", ""]
+    write_atomic(md_path, "\n".join(md))
+    return {"json": str(json_path), "md": str(md_path)}

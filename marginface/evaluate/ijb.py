@@ -15,7 +15,8 @@ Protocol (insightface ``eval_ijbc.py``; see docs/evaluation.md):
 4. media pooling: inside a template, the features of one media id (frames of one video, or one
    photo) are averaged; the template feature is the *sum* of its media features, L2-normalised;
 5. the score of a template pair is the cosine of the two template features;
-6. report TAR at FAR 1e-6 .. 1e-1 (only the targets the number of negative pairs supports) and AUC.
+6. report TAR at FAR 1e-6 .. 1e-1 (only the targets the number of negative pairs supports) and AUC,
+   with the flip-sum features and (a ``noflip`` block) with the plain ones of the same passes.
 
 Lines are matched by image name (insightface assumes the two meta files list faces in the same
 order; joining by name gives the same result when they do and a clear error when they do not).
@@ -237,7 +238,7 @@ class _Prepared:
             self._model.train(self._was_training)
 
 
-def ijb_image_features(
+def ijb_image_views(
     model,
     protocol: IJBProtocol,
     *,
@@ -248,14 +249,15 @@ def ijb_image_features(
     workers: int = 4,
     align: Optional[Callable] = None,
     progress: Optional[Callable[[int, int], None]] = None,
-) -> np.ndarray:
-    """``N×D`` float32 flip-sum features (not normalised), one per line of ``face_tid_mid``.
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(plain, mirrored)`` ``N×D`` float32 features (not normalised), one row per line of
+    ``face_tid_mid``; ``mirrored`` is None without ``flip``.
 
     Images are read, aligned and embedded in batches (IJB-C's 469k faces never sit in memory at
     once); each distinct image name is embedded once.
     """
     from marginface.data.verification import read_image
-    from marginface.evaluate.runner import embed_images
+    from marginface.evaluate.runner import embed_views
 
     if align is None:
         from marginface.data.align import align_face as align
@@ -272,19 +274,33 @@ def ijb_image_features(
         return align(read_image(path), protocol.landmarks[first_row[name]], size=size)
 
     prepared = _Prepared(model)
-    feats: list[np.ndarray] = []
+    plain, mirrored = [], []
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for start in range(0, len(names), batch_size):
                 batch = np.stack(list(pool.map(load, names[start : start + batch_size])))
-                feats.append(embed_images(prepared, batch, flip=flip, batch_size=batch_size, device=device,
-                                          normalize=normalize, optimize=False))
+                p, m = embed_views(prepared, batch, flip=flip, batch_size=batch_size, device=device,
+                                   normalize=normalize, optimize=False)
+                plain.append(p)
+                mirrored.append(m)
                 if progress is not None:
                     progress(min(start + batch_size, len(names)), len(names))
     finally:
         prepared.restore()
-    per_name = dict(zip(names, np.concatenate(feats)))
-    return np.stack([per_name[f] for f in protocol.faces]).astype(np.float32)
+    row_of = {name: i for i, name in enumerate(names)}
+    rows = np.array([row_of[f] for f in protocol.faces])  # back to one row per face line
+
+    def per_face(views: list) -> np.ndarray:
+        return np.concatenate(views)[rows].astype(np.float32, copy=False)
+
+    return per_face(plain), (per_face(mirrored) if flip else None)
+
+
+def ijb_image_features(model, protocol: IJBProtocol, *, flip: bool = True, **kwargs) -> np.ndarray:
+    """``N×D`` float32 flip-sum features (plain ones without ``flip``), not normalised, one per
+    line of ``face_tid_mid``; keyword arguments as `ijb_image_views`."""
+    plain, mirrored = ijb_image_views(model, protocol, flip=flip, **kwargs)
+    return plain if mirrored is None else plain + mirrored
 
 
 def evaluate_ijb(
@@ -300,15 +316,31 @@ def evaluate_ijb(
     far_targets: Sequence[float] = IJB_FAR_TARGETS,
     return_scores: bool = False,
 ):
-    """The full IJB 1:1 protocol on ``root``: metrics dict (plus ``(scores, labels)`` on request)."""
+    """The full IJB 1:1 protocol on ``root``: metrics dict (plus ``(scores, labels)`` on request).
+
+    As for the pair sets, the top level is the flip-sum result and ``noflip`` holds the metrics of
+    the plain features, which come from the same forward passes (the plain view is one half of the
+    flip-sum), so they cost nothing extra. With ``flip=False`` the top level is the plain result
+    and there is no ``noflip`` block. The returned scores are the top level's.
+    """
     protocol = read_ijb(root)
-    features = ijb_image_features(model, protocol, flip=flip, batch_size=batch_size, device=device,
-                                  normalize=normalize, workers=workers)
-    if detector_score:
-        features = features * protocol.det_scores[:, None]
-    ids, template_feats = template_features(features, protocol.templates, protocol.medias)
-    scores = template_pair_scores(ids, template_feats, protocol.pairs)
-    metrics = ijb_metrics(scores, protocol.labels, far_targets)
-    metrics.update({"name": protocol.name, "images": len(set(protocol.faces)), "templates": len(ids),
+    plain, mirrored = ijb_image_views(model, protocol, flip=flip, batch_size=batch_size, device=device,
+                                      normalize=normalize, workers=workers)
+
+    def scores_of(features: np.ndarray) -> tuple[np.ndarray, int]:
+        if detector_score:
+            features = features * protocol.det_scores[:, None]
+        ids, template_feats = template_features(features, protocol.templates, protocol.medias)
+        return template_pair_scores(ids, template_feats, protocol.pairs), len(ids)
+
+    plain_scores, n_templates = scores_of(plain)
+    plain_metrics = ijb_metrics(plain_scores, protocol.labels, far_targets)
+    if mirrored is None:
+        metrics, scores = plain_metrics, plain_scores
+    else:
+        scores = scores_of(plain + mirrored)[0]  # the same float32 sum as `ijb_image_features`
+        metrics = ijb_metrics(scores, protocol.labels, far_targets)
+        metrics["noflip"] = {k: v for k, v in plain_metrics.items() if k not in ("pairs", "positives", "negatives")}
+    metrics.update({"name": protocol.name, "images": len(set(protocol.faces)), "templates": n_templates,
                     "flip": flip, "detector_score": detector_score})
     return (metrics, (scores, protocol.labels)) if return_scores else metrics

@@ -2,8 +2,7 @@
 
 - `evaluate_suite(model, paths)`: every set (``.bin``, LFW directory, pairs ``.txt``/``.csv``,
   IJB-B/C directory) evaluated with the flip-sum embedding (the top-level keys of the design
-  contract) and, for pair sets, also without it (a nested ``noflip`` block) from the same forward
-  passes. Returns the ``eval`` object and the pair scores for plotting.
+  contract) and also without it (a nested ``noflip`` block) from the same forward passes. Returns the ``eval`` object and the pair scores for plotting.
 - `write_report(out_dir, report, curves=None)`: ``report.json`` (valid JSON: NaN -> null),
   ``report.md`` (one table, set x metric) and, with matplotlib, ``roc.png`` (all sets, log FAR)
   and ``scores.png`` (same/different score histograms; needs the pair scores). The trainer calls
@@ -155,7 +154,8 @@ def json_safe(obj):
     return str(obj)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write to ``<name>.tmp`` beside ``path``, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -344,7 +344,7 @@ def write_report(out_dir: Union[str, Path], report: Mapping, curves: Optional[Cu
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = json_safe(dict(report))
-    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     results = report.get("eval") or {}
     curves = {k: v for k, v in (curves or {}).items() if k in results}
     written: list[str] = []
@@ -368,7 +368,7 @@ def write_report(out_dir: Union[str, Path], report: Mapping, curves: Optional[Cu
             notes.append("Sets without pair scores at hand (e.g. the training report) are drawn through "
                          "their operating points; `marginface eval --model RUN --sets ...` draws exact curves "
                          "and score histograms.")
-    _write_atomic(out / "report.md", format_markdown(report, written, notes))
+    write_atomic(out / "report.md", format_markdown(report, written, notes))
     return {"report_json": str(out / "report.json"), "report_md": str(out / "report.md"), "plots": written}
 
 
