@@ -6,7 +6,10 @@ Variants (all through `marginface.evaluate.runner.embed_images`):
 - ``plain_fp32``: the model called as given (``optimize=False``), the old path;
 - ``fast_fp32``: the default path: BatchNorm folded into the convolutions (torch.fx) and
   channels_last inputs; fp32 throughout;
-- ``fast_bf16``: the fast path under bf16 autocast (``marginface eval --precision bf16``).
+- ``fast_bf16``: the fast path under bf16 autocast (``marginface eval --precision bf16``);
+- ``compiled_fp32`` / ``compiled_bf16`` / ``compiled_int8``: the model compiled by TorchInductor
+  (``marginface eval --compile --precision ...``; int8 is static x86 int8 calibrated on the first
+  batch, needs torchao). The one-off compile is timed separately (``compile_seconds``).
 
 Each variant's embeddings are compared with ``plain_fp32`` (minimum cosine over all images).
 The variants run interleaved, round by round, so that a shared machine's changing load falls on
@@ -30,6 +33,7 @@ import cv2
 import numpy as np
 import torch
 
+from marginface.deploy.compiled import CompiledEmbedder
 from marginface.evaluate.runner import embed_images
 from marginface.models import build_backbone
 
@@ -71,7 +75,8 @@ def main() -> None:
     ap.add_argument("--round-size", type=int, default=400, help="images per interleaved round")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--variants", nargs="+", default=["plain_fp32", "fast_fp32", "fast_bf16"],
-                    choices=["plain_fp32", "fast_fp32", "fast_bf16"])
+                    choices=["plain_fp32", "fast_fp32", "fast_bf16", "compiled_fp32", "compiled_bf16",
+                             "compiled_int8"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +87,17 @@ def main() -> None:
     embed_images(model, images[:8], batch_size=8)  # warm-up (oneDNN primitive creation)
     embed_images(model, images[:8], batch_size=8, optimize=False)
 
-    settings = {"plain_fp32": (False, None), "fast_fp32": (True, None), "fast_bf16": (True, torch.bfloat16)}
+    settings = {"plain_fp32": (model, False, None), "fast_fp32": (model, True, None),
+                "fast_bf16": (model, True, torch.bfloat16)}
+    compile_seconds = {}
+    for name in args.variants:
+        if name.startswith("compiled_"):  # compile (and for int8 calibrate) before the timed rounds
+            precision = name.split("_", 1)[1]
+            t0 = time.perf_counter()
+            embedder = CompiledEmbedder(model, precision, batch_size=args.batch_size)
+            embed_images(embedder, images[: args.batch_size], batch_size=args.batch_size)
+            compile_seconds[name] = round(time.perf_counter() - t0, 1)
+            settings[name] = (embedder, True, None)
     # Interleaved rounds (the variant order rotates every round): on a shared machine the load
     # changes over minutes, and interleaving spreads it evenly over the variants.
     seconds = {name: 0.0 for name in args.variants}
@@ -92,9 +107,9 @@ def main() -> None:
         chunk = images[start : start + args.round_size]
         order = args.variants[r % len(args.variants):] + args.variants[: r % len(args.variants)]
         for name in order:
-            optimize, amp = settings[name]
+            net, optimize, amp = settings[name]
             t0 = time.perf_counter()
-            parts[name].append(embed_images(model, chunk, batch_size=args.batch_size, flip=True,
+            parts[name].append(embed_images(net, chunk, batch_size=args.batch_size, flip=True,
                                             optimize=optimize, amp_dtype=amp))
             seconds[name] += time.perf_counter() - t0
     results = {}
@@ -106,6 +121,8 @@ def main() -> None:
                  "seconds_per_12k": round(seconds[name] * TARGET_IMAGES / args.images, 1)}
         if reference is not None and name != "plain_fp32":
             entry["min_cosine_vs_plain_fp32"] = round(min_cosine(np.concatenate(parts[name]), reference), 7)
+        if name in compile_seconds:
+            entry["compile_seconds"] = compile_seconds[name]  # once per process, not in "seconds"
         results[name] = entry
     report = {
         "backbone": args.backbone,

@@ -49,7 +49,7 @@ from marginface.data.dataset import normalize_batch
 from marginface.heads import build_head
 from marginface.models import build_backbone, count_macs
 from marginface.models.layers import set_fast_conv, set_fast_prelu
-from marginface.train import malloc
+from marginface import malloc
 
 CPU_VARIANTS = [
     "fp32",

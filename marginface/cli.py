@@ -163,15 +163,21 @@ def cmd_eval(args) -> int:
     device = _eval_device(args.device, model)
     if isinstance(model, torch.nn.Module):
         model.to(device)
+    model_info = _eval_model_info(model)
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    if args.precision == "int8":  # int8 exists only as a compiled path (deploy/compiled.py)
+        from marginface.deploy.compiled import CompiledEmbedder
+
+        model = CompiledEmbedder(model, args.precision, batch_size=args.batch_size, device=device)
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     results, curves, sources = rep.evaluate_suite(
         model, args.sets, flip=not args.no_flip, batch_size=args.batch_size, device=device,
-        normalize=args.normalize, amp_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-        detector_score=not args.no_detector_score, log=log)
+        normalize=args.normalize, amp_dtype=amp_dtype, detector_score=not args.no_detector_score, log=log)
     out = args.out or (args.model if Path(args.model).is_dir() else None)
     written = None
     if out:
-        report = rep.merge_eval(out, results, model_info=_eval_model_info(model), sources=sources)
+        report = rep.merge_eval(out, results, model_info=model_info, sources=sources)
+        report["eval_precision"] = args.precision  # how these numbers were made
         written = rep.write_report(out, report, curves, plots=not args.no_plots)
     if args.json:
         _print_json(rep.json_safe(results))
@@ -355,7 +361,8 @@ def cmd_export(args) -> int:
     if not args.model and not args.backbone:
         raise UserError("export: give RUN_DIR|CKPT or --backbone NAME")
     options = QuantOptions(fmt=args.quant_format, activations=args.activations, per_channel=not args.per_tensor,
-                           reduce_range=args.reduce_range, calibration=args.calibration)
+                           reduce_range=args.reduce_range, calibration=args.calibration,
+                           grouped_convs=args.grouped_convs)
     report = export_model(args.model, args.out, fmt=args.format, int8=args.int8, calib=args.calib,
                           opset=args.opset, backbone=args.backbone, quant_options=options if args.int8 else None)
     if args.json:
@@ -483,6 +490,9 @@ def _add_deploy_parsers(sub) -> None:
     x.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="int8 activation type (U8S8 / S8S8)")
     x.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per channel)")
     x.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
+    x.add_argument("--grouped-convs", choices=["float", "int8"], default="float",
+                   help="grouped (not depthwise) convs such as mbf's stem: float (default; ONNX Runtime's "
+                        "int8 kernel for them is slow) or int8")
     x.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
@@ -547,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 autocast (faster on recent CPUs/GPUs; fp32 is the reference)")
+    e.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="bf16: autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs); int8: static x86 "
+                        "int8 calibrated on the first batch, compiled by TorchInductor (needs torchao; CPU, "
+                        "PyTorch models); fp32 is the reference")
     e.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
     e.add_argument("--no-detector-score", action="store_true",
                    help="IJB: do not weight image features by the detector score")

@@ -194,6 +194,18 @@ def test_int8_accuracy_drop_and_size(trained_run, tmp_path, capsys):
               f"{size['int8'] / 2**20:.3f} MiB ({size['fp32'] / size['int8']:.2f}x smaller)")
     assert acc["fp32"] - acc["int8"] <= 0.005
     assert size["int8"] < size["fp32"] / 1.5
+    # Only the grouped (not depthwise) stem conv stays float: every other conv reads int8 weights.
+    import onnx
+
+    from marginface.deploy.quantize import grouped_conv_nodes
+
+    assert len(grouped_conv_nodes(onnx.load(str(fp32)))) == 1  # mbf: the stem's 2-channel groups
+    graph = onnx.load(str(int8)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    float_convs = [n.name for n in convs if n.input[1] not in dequantized]
+    assert len(float_convs) == 1 and "stem" in float_convs[0], float_convs
+    assert len(convs) > 40
 
 
 def test_size_targets(tmp_path, capsys):

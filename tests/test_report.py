@@ -2,6 +2,7 @@
 trainer's end-of-run report and the fast embedding path."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -259,6 +260,23 @@ def test_eval_cli_suite_report_and_compare(run_dir, tmp_path, capsys):
     assert row["b"] == pytest.approx(results["lfw_mini"]["noflip"]["accuracy"])
     assert row["diff"] == pytest.approx(row["b"] - row["a"])
     assert cmp["sets"]["synthetic"]["accuracy"]["b"] is None
+
+
+@needs_lfw_mini
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed (int8 path)")
+def test_eval_cli_compiled_int8_is_recorded_and_close_to_fp32(run_dir, tmp_path, capsys):
+    runs = {}
+    for name, extra in (("fp32", []), ("int8", ["--precision", "int8"])):
+        code, out, err = run_main(capsys, "eval", "--model", str(run_dir / "checkpoints" / "last.pt"), "--sets",
+                                  str(LFW_MINI), "--batch-size", "8", "--out", str(tmp_path / name),
+                                  "--no-plots", "--json", *extra)
+        assert code == 0, err
+        runs[name] = strict_json(out)["lfw_mini"]
+    assert load_report(tmp_path / "int8")["eval_precision"] == "int8"
+    assert load_report(tmp_path / "fp32")["eval_precision"] == "fp32"
+    for key in ("pos_mean", "neg_mean"):  # int8 moves the mean cosines a little, not a lot
+        assert runs["int8"][key] != runs["fp32"][key]
+        assert abs(runs["int8"][key] - runs["fp32"][key]) < 0.05, key
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -14,7 +14,7 @@ from marginface.data.synthetic import synthetic_pair_set
 from marginface.data.transforms import to_tensor
 from marginface.models import build_backbone
 from marginface.models.layers import PReLU, _PReLUFunction, set_fast_prelu
-from marginface.train import malloc
+from marginface import malloc
 from marginface.train.trainer import Trainer
 
 TINY = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",

@@ -6,7 +6,8 @@ normalised ``N×3×H×W`` float32 numpy batch. ``DEFAULT_RUNTIMES`` (what ``marg
 reports) are ``torch`` (eager fp32), ``onnxruntime`` (our fp32 export, all graph optimisations)
 and ``onnxruntime-int8`` (static int8, the default `QuantOptions`); ``EXTRA_RUNTIMES`` are the
 alternatives the benchmark script compares (TorchScript frozen, ``optimize_for_inference``,
-bf16 + channels_last, other int8 schemes, dynamic int8).
+bf16 + channels_last, TorchInductor-compiled fp32 / bf16 / x86 int8, other ONNX int8 schemes,
+dynamic int8).
 
 Every runtime also embeds the same 16 synthetic faces; ``min_cosine_vs_first`` is the smallest
 cosine to the first runtime's embeddings (a fast runtime that computes something else shows up).
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from marginface import malloc
 from marginface.errors import UserError
 
 Runner = Callable[[np.ndarray], object]
@@ -220,6 +222,29 @@ def _torch_int8_fx(ctx: BenchContext) -> Runner:
     return run
 
 
+def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
+    """TorchInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
+    Inductor specialises on the batch size: one embedder for batch 1 (with the C++ wrapper, for
+    latency) and one for every larger batch, padded to the throughput batch."""
+    def build(ctx: BenchContext) -> Runner:
+        from marginface.data.transforms import to_tensor
+        from marginface.deploy.compiled import CompiledEmbedder
+        from marginface.deploy.export import parity_images
+
+        model = _need_torch(ctx)
+        calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize)
+        embedders: dict[int, CompiledEmbedder] = {}
+
+        def run(x):
+            size = 1 if len(x) == 1 else max(len(x), 32)
+            if size not in embedders:
+                embedders[size] = CompiledEmbedder(model, precision, batch_size=size, calibration=calibration,
+                                                   low_latency=size == 1)
+            return embedders[size](torch.from_numpy(x))
+        return run
+    return build
+
+
 def _onnxruntime(ctx: BenchContext, optimization: str = "all") -> Runner:
     path = ctx.given_onnx or ctx.fp32_onnx()
     return _ort_runner(path, ctx.threads, optimization)
@@ -253,12 +278,16 @@ def _extra_runtimes() -> dict[str, Callable[[BenchContext], Runner]]:
         "torch-optimize-for-inference": _torch_optimize_for_inference,
         "torch-bf16-channels-last": _torch_bf16_channels_last,
         "torch-int8-fx-x86": _torch_int8_fx,
+        "torch-compiled": _torch_compiled("fp32"),
+        "torch-compiled-bf16": _torch_compiled("bf16"),
+        "torch-compiled-int8": _torch_compiled("int8"),
         "onnxruntime-basic-opt": lambda ctx: _onnxruntime(ctx, "basic"),
         "onnxruntime-int8-qdq-s8s8": _onnxruntime_int8(q(fmt="qdq", activations="int8")),
         "onnxruntime-int8-qoperator-u8s8": _onnxruntime_int8(q(fmt="qoperator", activations="uint8")),
         "onnxruntime-int8-qoperator-s8s8": _onnxruntime_int8(q(fmt="qoperator", activations="int8")),
         "onnxruntime-int8-qdq-u8s8-reduce-range": _onnxruntime_int8(q(fmt="qdq", reduce_range=True)),
         "onnxruntime-int8-qdq-per-tensor": _onnxruntime_int8(q(fmt="qdq", per_channel=False)),
+        "onnxruntime-int8-grouped-int8": _onnxruntime_int8(q(grouped_convs="int8")),
         "onnxruntime-dynamic-int8": lambda ctx: _ort_runner(ctx.dynamic_int8_onnx(), ctx.threads),
     }
 
@@ -382,7 +411,9 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
         x1 = _bench_input(hw, 1)
         xb = _bench_input(hw, throughput_batch)
         reference = None  # the first runtime's embeddings of xb[:16]: do the others agree?
-        with torch_threads(threads):
+        # PyTorch runtimes allocate activations through glibc; kept memory spares them the page
+        # faults of a fresh mmap per tensor (ONNX Runtime has its own arena), as `eval` does.
+        with torch_threads(threads), malloc.kept_freed_memory() as kept:
             for name in runtimes:
                 try:
                     fn = builders[name](ctx)
@@ -403,7 +434,7 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
         for key, path in ctx._quantized.items():
             if path != ctx.given_onnx:
                 sizes[f"onnx-{key}"] = round(file_mb(path), 3)
-        result.update(latency_ms=latency, throughput_ips=throughput, threads=threads,
+        result.update(latency_ms=latency, throughput_ips=throughput, threads=threads, malloc_kept=kept,
                       min_cosine_vs_first=agreement,
                       batch={"latency": 1, "throughput": throughput_batch}, sizes_mb=sizes,
                       load_average=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None)

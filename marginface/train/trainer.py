@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.train import distributed, malloc, setup
+from marginface.train import distributed, setup
 from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, save_atomic
 from marginface.train.loggers import RunLogger, format_table

@@ -12,15 +12,18 @@ peak (~+30% for that run). The same effect as running under jemalloc/tcmalloc (`
 without needing either.
 
 Process-wide and not undone by the garbage collector: the trainer calls `keep_freed_memory` once
-when it trains on the CPU (``train.cpu_keep_memory``) and `restore_default` when ``fit`` returns.
+when it trains on the CPU (``train.cpu_keep_memory``) and `restore_default` when ``fit`` returns;
+embedding for evaluation and the inference benchmark use `kept_freed_memory` around their loops
+(1.3-2x on CPU evaluation of `mbf`, docs/evaluation.md).
 A no-op returning False where the C library is not glibc (macOS, Windows, musl).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -75,3 +78,18 @@ def restore_default() -> bool:
 
 def is_keeping() -> bool:
     return _state["keeping"]
+
+
+@contextlib.contextmanager
+def kept_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """`keep_freed_memory` for the duration of the block (yields whether it is on), then glibc's
+    usual behaviour again; nested or inside a ``fit`` that already keeps memory, it changes nothing."""
+    if not enabled or is_keeping():
+        yield is_keeping()
+        return
+    kept = keep_freed_memory(True)
+    try:
+        yield kept
+    finally:
+        if kept:
+            restore_default()

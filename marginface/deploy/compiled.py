@@ -1,0 +1,143 @@
+"""Compiled PyTorch inference (TorchInductor): fp32, bf16 and x86 int8 for servers and evaluation.
+
+Why this exists next to the ONNX export: ONNX Runtime has no int8 PReLU, so in an int8 ``mbf``
+every PReLU round-trips through fp32 and int8 ends up *slower* than fp32 on x86. PyTorch's PT2E
+int8 flow (``torchao``'s X86InductorQuantizer: static, per-channel weights, per-tensor uint8
+activations) compiled by Inductor runs the convolutions as oneDNN int8 kernels (VNNI / AMX) and
+fuses each ``dequantize -> PReLU -> quantize`` between them into one vectorised C++ loop. With
+``freezing`` Inductor also folds BatchNorm into the convolutions and prepacks the weights. The
+figures are in docs/deployment.md (``benchmarks/inference_latency.py``).
+
+Inductor specialises on the input shape and on the thread count at compile time, so an embedder
+runs every call in chunks of one fixed ``batch_size`` (padding the last chunk), and should be
+built under the thread setting it will run with. The first call compiles (10-30 s on 2 cores).
+int8 is calibrated on ``calibration`` or, when that is None, on the first batch it is given.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from marginface.errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+_COPIED_ATTRIBUTES = ("input_size", "embedding_size", "normalize", "threshold", "threshold_source", "model_path")
+
+
+def _stock_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy with the stock ``nn.Conv2d``/``nn.PReLU`` classes: the quantizer matches
+    layers by class, and the fast layers' autograd tricks are training-only anyway."""
+    from marginface.models.layers import set_fast_layers
+
+    stock = copy.deepcopy(model).eval()
+    set_fast_layers(stock, False)
+    return stock
+
+
+def _import_torchao():
+    # torchao logs on import: its optional CUDA kernels missing, an Enum registration torch deprecates
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization.pt2e import move_exported_model_to_eval
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+            import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers the int8 fusions
+    except ImportError as exc:
+        raise UserError(f"int8 PyTorch inference needs torchao ({exc}); pip install 'marginface[int8]'") from exc
+    return prepare_pt2e, convert_pt2e, move_exported_model_to_eval, x86
+
+
+def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+    """Static int8 (PT2E, X86InductorQuantizer defaults) of an eval-mode model, calibrated on the
+    normalised ``N×3×H×W`` float ``calibration`` batch. The result runs (slowly) as it is and is
+    meant for ``torch.compile`` with freezing, which lowers it to oneDNN int8 kernels."""
+    prepare_pt2e, convert_pt2e, to_eval, x86 = _import_torchao()
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(_stock_copy(model), (calibration,), dynamic_shapes=({0: batch},)).module()
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            prepared(calibration)
+        quantized = convert_pt2e(prepared)
+    to_eval(quantized)
+    return quantized
+
+
+class CompiledEmbedder:
+    """``embedder(x)`` for a normalised float ``N×3×H×W`` batch -> ``N×D`` float32, compiled by Inductor.
+
+    The model attributes the rest of the project reads (``input_size``, ``normalize``, ...) are
+    carried over, so the evaluation runner, ``marginface bench`` and the pipeline can use it in
+    place of the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: int = 64,
+                 calibration: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu",
+                 low_latency: bool = False):
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        if precision == "int8" and self.device.type != "cpu":
+            raise UserError("int8 PyTorch inference is the x86 CPU path; use --precision bf16 on a GPU")
+        if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+            raise UserError("compiled inference needs a PyTorch model (run directory or checkpoint), not "
+                            f"{type(model).__name__} (an ONNX model gets int8 from `marginface export --int8`)")
+        for name in _COPIED_ATTRIBUTES:
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+        self.precision, self.batch_size, self.low_latency = precision, batch_size, low_latency
+        self._source, self._calibration, self._compiled = model, calibration, None
+
+    # Inductor options: freezing folds BN / prepacks weights (needs no_grad); the C++ wrapper
+    # removes the Python launcher, worth ~1 ms per call at batch 1 but ~2x the compile time.
+    def _options(self) -> dict:
+        return {"freezing": True, "cpp_wrapper": self.low_latency and self.device.type == "cpu"}
+
+    def _build(self, first: torch.Tensor) -> None:
+        if self.precision == "int8":
+            calibration = self._calibration if self._calibration is not None else first
+            net = quantize_x86(self._source, calibration.float().cpu())
+        else:
+            net = _stock_copy(self._source).to(self.device)
+            if self.precision == "bf16":
+                net = net.to(torch.bfloat16)
+            net = net.to(memory_format=torch.channels_last)
+        self._source = self._calibration = None  # the compiled graph holds what it needs
+        with torch._inductor.config.patch(self._options()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Inductor's own int8 lowering warns about a tensor copy
+            compiled = torch.compile(net, dynamic=False)
+            compiled(self._prepare(first[: self.batch_size], pad=True))  # compile now, under these options
+        self._compiled = compiled
+
+    def _prepare(self, x: torch.Tensor, pad: bool) -> torch.Tensor:
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        if pad and len(x) < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - len(x), *x.shape[1:]))])
+        return x.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.ndim != 4:
+            raise ValueError(f"expected an N×3×H×W batch, got shape {tuple(x.shape)}")
+        outputs = []
+        with torch.no_grad():
+            if self._compiled is None:
+                self._build(x)
+            for start in range(0, len(x), self.batch_size):
+                chunk = x[start : start + self.batch_size]
+                out = self._compiled(self._prepare(chunk, pad=True))
+                outputs.append(out[: len(chunk)].float())
+        return torch.cat(outputs).to(x.device)
+

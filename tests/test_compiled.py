@@ -1,0 +1,92 @@
+"""Compiled inference (marginface.deploy.compiled): Inductor fp32 / bf16 / x86 int8 embed like eager."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marginface.deploy.compiled import CompiledEmbedder, quantize_x86
+from marginface.errors import UserError
+from marginface.models import build_backbone
+from marginface.models.layers import Conv2d as FastConv2d
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao not installed (pip install 'marginface[int8]')")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small mbf whose BatchNorm statistics and PReLU slopes look trained (fresh ones make every
+    BN an identity and every activation alike, which hides quantisation and folding errors)."""
+    torch.manual_seed(0)
+    net = build_backbone("mbf", embedding_size=64, input_size=64, width_mult=0.25)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.copy_(0.05 + 0.3 * torch.rand(m.weight.shape, generator=g))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.double(), b.double()).min().item()
+
+
+def test_fp32_matches_eager_in_padded_chunks_and_leaves_the_model_alone(model, batch, reference):
+    embedder = CompiledEmbedder(model, "fp32", batch_size=4)  # 5 images: a full chunk + a padded one
+    assert embedder.input_size == model.input_size and embedder.embedding_size == 64
+    out = embedder(batch)
+    assert out.shape == (5, 64) and out.dtype == torch.float32
+    assert min_cosine(out, reference) > 0.9999
+    assert (out - reference).abs().max().item() < 1e-3 * reference.abs().max().item()
+    again = embedder(batch[:3])  # another size reuses the same compiled batch-4 graph (padded)
+    assert torch.allclose(again, out[:3], atol=1e-5)
+    assert any(type(m) is FastConv2d for m in model.modules())  # the caller's model keeps its fast layers
+
+
+def test_bf16_is_close_to_fp32(model, batch, reference):
+    out = CompiledEmbedder(model, "bf16", batch_size=8)(batch)
+    assert out.dtype == torch.float32 and 0.995 < min_cosine(out, reference) < 1.0 - 1e-9  # close, not identical
+
+
+@needs_torchao
+def test_int8_quantises_every_layer_and_stays_close(model, batch, reference):
+    quantized = quantize_x86(model, batch)
+    weight_quant = [n for n in quantized.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(weight_quant) == len(layers)  # every conv and the linear head carry int8 weights
+    out = CompiledEmbedder(model, "int8", batch_size=8)(batch)  # calibrated on this first batch
+    cos = min_cosine(out, reference)
+    assert 0.98 < cos < 0.99999, cos  # int8 rounding is visible but small
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"precision": "fp16"}, "precision must be one of"),
+    ({"precision": "fp32", "batch_size": 0}, "batch_size must be >= 1"),
+    ({"precision": "int8", "device": "cuda"}, "x86 CPU path"),
+])
+def test_bad_settings_are_one_line_errors(model, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        CompiledEmbedder(model, **kwargs)
+
+
+def test_needs_a_pytorch_model():
+    with pytest.raises(UserError, match="needs a PyTorch model"):
+        CompiledEmbedder(lambda x: x, "fp32")
