@@ -138,6 +138,25 @@ def _eval_model_info(model) -> dict:
             "embedding_size": getattr(model, "embedding_size", None)}
 
 
+def _at_precision(model, precision: str, batch_size: int, device):
+    """``(model to embed with, autocast dtype)`` for ``--precision``: bf16 is autocast; int8 exists
+    only as a compiled x86 path (`marginface.deploy.compiled`), calibrated on the first batch."""
+    import torch
+
+    if precision == "int8":
+        from marginface.deploy.compiled import CompiledEmbedder
+
+        return CompiledEmbedder(model, "int8", batch_size=batch_size, device=device), None
+    return model, (torch.bfloat16 if precision == "bf16" else None)
+
+
+def _add_precision_option(parser) -> None:
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="bf16: autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs); int8: static "
+                             "x86 int8 calibrated on the first batch, compiled by TorchInductor (needs torchao; "
+                             "CPU, PyTorch models); fp32 is the reference")
+
+
 def cmd_eval(args) -> int:
     from marginface.evaluate import report as rep
 
@@ -164,11 +183,7 @@ def cmd_eval(args) -> int:
     if isinstance(model, torch.nn.Module):
         model.to(device)
     model_info = _eval_model_info(model)
-    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    if args.precision == "int8":  # int8 exists only as a compiled path (deploy/compiled.py)
-        from marginface.deploy.compiled import CompiledEmbedder
-
-        model = CompiledEmbedder(model, args.precision, batch_size=args.batch_size, device=device)
+    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     results, curves, sources = rep.evaluate_suite(
         model, args.sets, flip=not args.no_flip, batch_size=args.batch_size, device=device,
@@ -205,11 +220,13 @@ def cmd_identify(args) -> int:
     device = _eval_device(args.device, model)
     if isinstance(model, torch.nn.Module):
         model.to(device)
+    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     result = ident.evaluate_identification_folders(
         model, args.gallery, args.probes, args.distractors or [], flip=not args.no_flip,
         batch_size=args.batch_size, device=device, normalize=args.normalize, ranks=sorted({1, args.top}),
-        fpir_targets=args.fpir, chunk_size=args.chunk_size, log=log)
+        fpir_targets=args.fpir, chunk_size=args.chunk_size, amp_dtype=amp_dtype, log=log)
+    result["precision"] = args.precision
     written = ident.write_identification_report(args.out, result) if args.out else None
     if args.json:
         from marginface.evaluate.report import json_safe
@@ -238,6 +255,7 @@ def _add_identify_parser(sub) -> None:
     i.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
     i.add_argument("--batch-size", type=int, default=128)
     i.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    _add_precision_option(i)
     i.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
     i.add_argument("--chunk-size", type=int, default=65536, help="candidates scored per matmul (bounds memory)")
     i.add_argument("--out", help="directory for identification.json and identification.md")
@@ -557,10 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    e.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="bf16: autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs); int8: static x86 "
-                        "int8 calibrated on the first batch, compiled by TorchInductor (needs torchao; CPU, "
-                        "PyTorch models); fp32 is the reference")
+    _add_precision_option(e)
     e.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
     e.add_argument("--no-detector-score", action="store_true",
                    help="IJB: do not weight image features by the detector score")

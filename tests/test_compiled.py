@@ -90,3 +90,19 @@ def test_bad_settings_are_one_line_errors(model, kwargs, message):
 def test_needs_a_pytorch_model():
     with pytest.raises(UserError, match="needs a PyTorch model"):
         CompiledEmbedder(lambda x: x, "fp32")
+
+
+@needs_torchao
+def test_a_model_that_cannot_be_exported_is_a_one_line_error():
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.export refuses it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return y if y.sum() > 0 else -y
+
+    with pytest.raises(UserError, match="compiling the model for int8 inference failed: .+") as info:
+        CompiledEmbedder(Branchy().eval(), "int8", batch_size=2)(torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(info.value)

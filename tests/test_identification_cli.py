@@ -176,6 +176,7 @@ def test_synthetic_identities_match_a_direct_computation(tmp_path, capsys):
     reference = identification_metrics(embed(probes), [p.parent.name for p in probes], embed(gallery),
                                        [p.parent.name for p in gallery], ranks=(1, 5))
     assert (result["gallery_identities"], result["gallery_images"], result["probes"]) == (6, 12, 6)
+    assert result["precision"] == "fp32"
     assert result["cmc"] == pytest.approx(reference["cmc"]) and result["rank_1"] == pytest.approx(reference["rank_1"])
 
 
@@ -227,6 +228,7 @@ def test_pretrained_onnx_on_johns(johns_split, capsys):
     ("no_model", "model not found"),
     ("top_zero", "--top must be >= 1"),
     ("fpir_zero", "--fpir: each target must be in (0, 1]"),
+    ("int8_torchscript", "compiled inference needs a PyTorch model"),
 ])
 def test_bad_input_is_one_error_line(colour_world, capsys, case, message):
     root, model, _ = colour_world
@@ -240,6 +242,8 @@ def test_bad_input_is_one_error_line(colour_world, capsys, case, message):
         probes = root / "probes"
         for name in GALLERY:
             shutil.rmtree(probes / name)
+    elif case == "int8_torchscript":  # the colour model is TorchScript: no x86 int8 compile for it
+        extra = ["--precision", "int8"]
     elif case == "wrong_dim_npy":
         np.save(root / "wide.npy", np.ones((4, 5), np.float32))
         extra = ["--distractors", root / "wide.npy"]

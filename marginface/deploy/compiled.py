@@ -91,7 +91,9 @@ class CompiledEmbedder:
         self.device = torch.device(device)
         if precision == "int8" and self.device.type != "cpu":
             raise UserError("int8 PyTorch inference is the x86 CPU path; use --precision bf16 on a GPU")
-        if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        scripted = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()) \
+            if isinstance(model, torch.nn.Module) else False  # e.g. deploy.load's TorchScript wrapper
+        if not isinstance(model, torch.nn.Module) or scripted:
             raise UserError("compiled inference needs a PyTorch model (run directory or checkpoint), not "
                             f"{type(model).__name__} (an ONNX model gets int8 from `marginface export --int8`)")
         for name in _COPIED_ATTRIBUTES:
@@ -134,7 +136,14 @@ class CompiledEmbedder:
         outputs = []
         with torch.no_grad():
             if self._compiled is None:
-                self._build(x)
+                try:
+                    self._build(x)
+                except UserError:
+                    raise
+                except Exception as exc:  # export/quantise/compile failures: one line, not a 200-line trace
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    raise UserError(f"compiling the model for {self.precision} inference failed: "
+                                    f"{type(exc).__name__}: {first}") from exc
             for start in range(0, len(x), self.batch_size):
                 chunk = x[start : start + self.batch_size]
                 out = self._compiled(self._prepare(chunk, pad=True))

@@ -354,6 +354,7 @@ def evaluate_identification_folders(
     ranks: Sequence[int] = (1, 5),
     fpir_targets: Sequence[float] = DEFAULT_FPIR_TARGETS,
     chunk_size: int = DEFAULT_CHUNK,
+    amp_dtype: Optional[torch.dtype] = None,
     log=None,
 ) -> dict:
     """`identification_metrics` of identity folders ``gallery`` and ``probes`` (``DIR/<identity>/*.jpg``).
@@ -387,7 +388,7 @@ def evaluate_identification_folders(
             stop = min(start + IMAGES_PER_BLOCK, count)
             images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
             blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
-                                       normalize=normalize))
+                                       normalize=normalize, amp_dtype=amp_dtype))
         return np.concatenate(blocks)
 
     gallery_feats = embed("gallery", gallery_src.read, len(gallery_src))

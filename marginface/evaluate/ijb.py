@@ -249,6 +249,7 @@ def ijb_image_views(
     workers: int = 4,
     align: Optional[Callable] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """``(plain, mirrored)`` ``N×D`` float32 features (not normalised), one row per line of
     ``face_tid_mid``; ``mirrored`` is None without ``flip``.
@@ -280,7 +281,7 @@ def ijb_image_views(
             for start in range(0, len(names), batch_size):
                 batch = np.stack(list(pool.map(load, names[start : start + batch_size])))
                 p, m = embed_views(prepared, batch, flip=flip, batch_size=batch_size, device=device,
-                                   normalize=normalize, optimize=False)
+                                   normalize=normalize, amp_dtype=amp_dtype, optimize=False)
                 plain.append(p)
                 mirrored.append(m)
                 if progress is not None:
@@ -314,6 +315,7 @@ def evaluate_ijb(
     normalize: str = "arcface",
     workers: int = 4,
     far_targets: Sequence[float] = IJB_FAR_TARGETS,
+    amp_dtype: Optional[torch.dtype] = None,
     return_scores: bool = False,
 ):
     """The full IJB 1:1 protocol on ``root``: metrics dict (plus ``(scores, labels)`` on request).
@@ -325,7 +327,7 @@ def evaluate_ijb(
     """
     protocol = read_ijb(root)
     plain, mirrored = ijb_image_views(model, protocol, flip=flip, batch_size=batch_size, device=device,
-                                      normalize=normalize, workers=workers)
+                                      normalize=normalize, workers=workers, amp_dtype=amp_dtype)
 
     def scores_of(features: np.ndarray) -> tuple[np.ndarray, int]:
         if detector_score:

@@ -117,7 +117,7 @@ def evaluate_suite(
                 log(f"evaluating {path} (IJB template protocol)")
             metrics, curve = evaluate_ijb(model, path, flip=flip, detector_score=detector_score,
                                           batch_size=batch_size, device=device, normalize=normalize,
-                                          return_scores=True)
+                                          amp_dtype=amp_dtype, return_scores=True)
         else:
             pair_set = load_pair_set(path, image_size=size)
             if log:
