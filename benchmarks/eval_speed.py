@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from marginface.deploy.compiled import CompiledEmbedder
+from marginface.deploy.load import trained_looking
 from marginface.evaluate.runner import embed_images
 from marginface.models import build_backbone
 
@@ -45,21 +46,6 @@ def synthetic_faces(n: int, size: int = 112, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
     return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in small])
-
-
-def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.copy_(0.05 + 0.3 * torch.rand(m.weight.shape, generator=generator))
-    return model.eval()
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from marginface.deploy.compiled import CompiledEmbedder, quantize_x86
+from marginface.deploy.load import trained_looking
 from marginface.errors import UserError
 from marginface.models import build_backbone
 from marginface.models.layers import Conv2d as FastConv2d
@@ -16,22 +17,9 @@ needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
 
 @pytest.fixture(scope="module")
 def model():
-    """A small mbf whose BatchNorm statistics and PReLU slopes look trained (fresh ones make every
-    BN an identity and every activation alike, which hides quantisation and folding errors)."""
+    """A small mbf whose BatchNorm statistics and PReLU slopes look trained."""
     torch.manual_seed(0)
-    net = build_backbone("mbf", embedding_size=64, input_size=64, width_mult=0.25)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.copy_(0.05 + 0.3 * torch.rand(m.weight.shape, generator=g))
-    return net.eval()
+    return trained_looking(build_backbone("mbf", embedding_size=64, input_size=64, width_mult=0.25))
 
 
 @pytest.fixture(scope="module")

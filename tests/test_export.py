@@ -16,7 +16,7 @@ from marginface.data.synthetic import render_identities, synthetic_pair_set
 from marginface.data.transforms import to_tensor
 from marginface.data.verification import load_lfw_dir
 from marginface.deploy.export import compare_embeddings, export_model, export_onnx
-from marginface.deploy.fold import count_batchnorm, fold_batchnorm, rewrite_prelu
+from marginface.deploy.fold import count_batchnorm, fold_batchnorm, regroup_conv, regroup_thin_convs, rewrite_prelu
 from marginface.deploy.load import load_model, random_backbone
 from marginface.evaluate.runner import evaluate_pair_set
 from marginface.models import build_backbone
@@ -89,6 +89,39 @@ def test_prelu_rewrite_is_exact_for_any_slope():
     with torch.no_grad():
         ref, out = model(x), rewritten(x)
     assert torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("in_ch,groups,per_group,expect_groups", [
+    (16, 8, 4, 4),    # 2 channels per group -> 4: half as many groups
+    (16, 8, 8, 2),    # -> 8 per group
+    (12, 6, 4, 3),    # 6 groups of 2 -> 3 groups of 4
+    (12, 4, 4, 4),    # 3 per group does not divide 4: unchanged
+])
+def test_regroup_conv_is_the_same_function(in_ch, groups, per_group, expect_groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_ch, 2 * in_ch, 3, stride=2, padding=1, groups=groups, bias=True).eval()
+    wide = regroup_conv(conv, per_group)
+    assert wide.groups == expect_groups and wide.weight.shape[1] == in_ch // expect_groups
+    x = torch.randn(2, in_ch, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), conv(x), atol=1e-5)
+
+
+def test_regroup_leaves_depthwise_dense_and_uneven_convs_alone():
+    depthwise = torch.nn.Conv2d(8, 8, 3, groups=8)
+    dense = torch.nn.Conv2d(8, 8, 3)
+    uneven = torch.nn.Conv2d(6, 6, 3, groups=3)  # 2 per group, 3 groups cannot merge in pairs
+    assert all(regroup_conv(c, 4) is c for c in (depthwise, dense, uneven))
+    model = _randomise_bn(build_backbone("mbf", input_size=32, width_mult=0.25))
+    folded = fold_batchnorm(model)
+    before = sorted(m.groups for m in folded.modules() if isinstance(m, torch.nn.Conv2d))
+    regrouped = regroup_thin_convs(fold_batchnorm(model))
+    thin = [m for m in regrouped.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and 1 < m.in_channels // m.groups < 4]
+    assert not thin and sum(g > 1 for g in before) > 10  # mbf's stem was the one thin conv
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(regrouped(x), folded(x), rtol=1e-4, atol=1e-4 * folded(x).abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------- ONNX

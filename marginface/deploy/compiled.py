@@ -28,14 +28,16 @@ PRECISIONS = ("fp32", "bf16", "int8")
 _COPIED_ATTRIBUTES = ("input_size", "embedding_size", "normalize", "threshold", "threshold_source", "model_path")
 
 
-def _stock_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An eval-mode copy with the stock ``nn.Conv2d``/``nn.PReLU`` classes: the quantizer matches
-    layers by class, and the fast layers' autograd tricks are training-only anyway."""
+def _inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy with the stock ``nn.Conv2d``/``nn.PReLU`` classes (the quantizer matches
+    layers by class, and the fast layers' autograd tricks are training-only anyway) and thin-group
+    convs regrouped (`deploy.fold.regroup_thin_convs`: mbf int8 3.7 vs 5.0 ms at batch 1)."""
+    from marginface.deploy.fold import regroup_thin_convs
     from marginface.models.layers import set_fast_layers
 
     stock = copy.deepcopy(model).eval()
     set_fast_layers(stock, False)
-    return stock
+    return regroup_thin_convs(stock)
 
 
 def _import_torchao():
@@ -64,7 +66,7 @@ def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = torch.export.export(_stock_copy(model), (calibration,), dynamic_shapes=({0: batch},)).module()
+        graph = torch.export.export(_inference_copy(model), (calibration,), dynamic_shapes=({0: batch},)).module()
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             prepared(calibration)
@@ -112,7 +114,7 @@ class CompiledEmbedder:
             calibration = self._calibration if self._calibration is not None else first
             net = quantize_x86(self._source, calibration.float().cpu())
         else:
-            net = _stock_copy(self._source).to(self.device)
+            net = _inference_copy(self._source).to(self.device)
             if self.precision == "bf16":
                 net = net.to(torch.bfloat16)
             net = net.to(memory_format=torch.channels_last)

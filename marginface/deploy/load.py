@@ -88,6 +88,24 @@ def random_backbone(name: str, embedding_size: Optional[int] = None, input_size:
     return model
 
 
+def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with BatchNorm statistics/affines and PReLU slopes drawn from ranges a
+    trained network has. Fresh ones make every BN an identity and every PReLU alike, which hides
+    folding, quantisation and precision errors in numeric checks and benchmarks of untrained models."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.copy_(0.05 + 0.3 * torch.rand(m.weight.shape, generator=generator))
+    return model.eval()
+
+
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zips holding ``<name>/code/`` (checkpoints hold ``data.pkl`` only)."""
     try:

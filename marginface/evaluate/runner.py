@@ -64,18 +64,19 @@ def _inference_model(model: Model) -> tuple[Model, bool]:
     """The fast eval path: ``(model to call, whether to feed it channels_last inputs)``.
 
     For an ``nn.Module`` (already in eval mode): a torch.fx copy with every Conv+BatchNorm folded
-    into one convolution (the same function up to float rounding; the caller's model is untouched)
-    fed with channels_last inputs, which oneDNN/cuDNN run about twice as fast for depthwise-heavy
-    nets such as MobileFaceNet (see ``benchmarks/eval_speed.py``). A module that cannot be folded
-    runs as it is; other callables (ONNX wrappers) get plain contiguous inputs.
+    into one convolution and thin-group convolutions regrouped (`deploy.fold.regroup_thin_convs`;
+    the same function up to float rounding; the caller's model is untouched) fed with channels_last
+    inputs, which oneDNN/cuDNN run about twice as fast for depthwise-heavy nets such as
+    MobileFaceNet (see ``benchmarks/eval_speed.py``). A module that cannot be folded runs as it
+    is; other callables (ONNX wrappers) get plain contiguous inputs.
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return model, False
     try:
-        from marginface.deploy.fold import fold_batchnorm  # the one BN-folding pass (also used by export)
+        from marginface.deploy.fold import fold_batchnorm, regroup_thin_convs  # shared with export
 
         with torch.no_grad():
-            return fold_batchnorm(model), True
+            return regroup_thin_convs(fold_batchnorm(model)), True
     except Exception:  # untraceable control flow, exotic modules: the plain model is always right
         return model, True
 
