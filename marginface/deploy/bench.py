@@ -224,8 +224,10 @@ def _torch_int8_fx(ctx: BenchContext) -> Runner:
 
 def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
     """TorchInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
-    Inductor specialises on the batch size: one embedder for batch 1 (with the C++ wrapper, for
-    latency) and one for every larger batch, padded to the throughput batch."""
+    Inductor specialises on the batch size: an embedder for batch 1 (with the C++ wrapper, for
+    latency) or for every larger batch, padded to the throughput batch. Only the latest one is
+    kept and a change of size builds anew: an int8 embedder built earlier in the process runs ~2x
+    slower once another has been quantised (see `marginface.deploy.compiled`)."""
     def build(ctx: BenchContext) -> Runner:
         from marginface.data.transforms import to_tensor
         from marginface.deploy.compiled import CompiledEmbedder
@@ -233,14 +235,15 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
 
         model = _need_torch(ctx)
         calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize)
-        embedders: dict[int, CompiledEmbedder] = {}
+        current: dict = {}
 
         def run(x):
             size = 1 if len(x) == 1 else max(len(x), 32)
-            if size not in embedders:
-                embedders[size] = CompiledEmbedder(model, precision, batch_size=size, calibration=calibration,
-                                                   low_latency=size == 1)
-            return embedders[size](torch.from_numpy(x))
+            if current.get("size") != size:
+                current.clear()
+                current.update(size=size, embedder=CompiledEmbedder(
+                    model, precision, batch_size=size, calibration=calibration, low_latency=size == 1))
+            return current["embedder"](torch.from_numpy(x))
         return run
     return build
 

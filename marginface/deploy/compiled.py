@@ -12,6 +12,10 @@ Inductor specialises on the input shape and on the thread count at compile time,
 runs every call in chunks of one fixed ``batch_size`` (padding the last chunk), and should be
 built under the thread setting it will run with. The first call compiles (10-30 s on 2 cores).
 int8 is calibrated on ``calibration`` or, when that is None, on the first batch it is given.
+
+Known quirk (torch 2.13 + torchao 0.18, cause not found): quantising another model in the same
+process makes an int8 embedder built *before* it run ~2x slower (no recompilation is logged; the
+newest one is unaffected). Build one int8 embedder per process and reuse it, as ``eval`` does.
 """
 from __future__ import annotations
 
