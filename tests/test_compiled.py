@@ -65,6 +65,13 @@ def test_int8_quantises_every_layer_and_stays_close(model, batch, reference):
     assert 0.98 < cos < 0.99999, cos  # int8 rounding is visible but small
 
 
+@needs_torchao
+def test_int8_calibrated_on_a_single_image_still_runs_any_batch(model, batch):
+    embedder = CompiledEmbedder(model, "int8", batch_size=1)
+    first = embedder(batch[:1])  # calibration = this one image
+    assert first.shape == (1, 64) and embedder(batch).shape == (5, 64)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"precision": "fp16"}, "precision must be one of"),
     ({"precision": "fp32", "batch_size": 0}, "batch_size must be >= 1"),
