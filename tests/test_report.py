@@ -244,6 +244,7 @@ def test_eval_cli_suite_report_and_compare(run_dir, tmp_path, capsys):
     assert report["eval_sources"]["lfw_mini"] == str(LFW_MINI)
     md = (run_dir / "report.md").read_text()
     assert "| lfw_mini |" in md and "| ijbc |" in md
+    assert "AUC (no flip)" in md and f"{results['ijbc']['noflip']['auc']:.4f}" in md  # IJB's no-flip figure shown
     assert (run_dir / "scores.png").read_bytes()[:8] == PNG_MAGIC
 
     other = tmp_path / "other"

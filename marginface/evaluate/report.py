@@ -213,6 +213,8 @@ def headline(metrics: Mapping) -> dict:
     for key in ("threshold", "threshold_distance", "auc", "eer"):
         if key in metrics:
             out[key] = metrics[key]
+    if isinstance(noflip, Mapping) and "accuracy" not in noflip and "auc" in noflip:
+        out["auc_noflip"] = noflip["auc"]  # IJB: no accuracy protocol, its no-flip figure is the AUC
     for key in sorted(metrics.get("tar_at_far") or {}, key=_far_sort_key):
         out[f"tar@{key}"] = metrics["tar_at_far"][key]
     for key in ("accuracy_same", "accuracy_diff", "pos_mean", "neg_mean", "xnorm"):
@@ -235,7 +237,7 @@ def _columns(results: Mapping) -> list[str]:
             if key not in columns:
                 columns.append(key)
     order = {k: i for i, k in enumerate(["accuracy", "accuracy_std", "accuracy_noflip", "threshold",
-                                         "threshold_distance", "auc", "eer"])}
+                                         "threshold_distance", "auc", "auc_noflip", "eer"])}
     tail = ["accuracy_same", "accuracy_diff", "pos_mean", "neg_mean", "xnorm", "pairs", "templates", "probes"]
 
     def rank(c: str):
@@ -275,7 +277,7 @@ def format_results_table(results: Mapping) -> str:
 
 _MD_NAMES = {
     "accuracy": "accuracy (flip)", "accuracy_noflip": "accuracy (no flip)", "threshold": "threshold (cos)",
-    "threshold_distance": "threshold (dist²)", "auc": "AUC", "eer": "EER", "accuracy_same": "same acc",
+    "threshold_distance": "threshold (dist²)", "auc": "AUC", "auc_noflip": "AUC (no flip)", "eer": "EER", "accuracy_same": "same acc",
     "accuracy_diff": "diff acc", "pos_mean": "pos mean", "neg_mean": "neg mean", "xnorm": "XNorm",
 }
 
