@@ -239,6 +239,56 @@ def cmd_identify(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from marginface.deploy.load import load_model
+    from marginface.evaluate import identification as ident
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.out.lower().endswith(".npy"):
+        raise UserError(f"--out {args.out}: the feature file must end in .npy")
+    files = ident.image_files(Path(args.images), "--images")  # cheap checks before loading the model
+    import torch
+
+    model = load_model(args.model, normalize=args.normalize)
+    device = _eval_device(args.device, model)
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
+    if not args.json:
+        print(f"embedding {len(files)} images under {args.images}", file=sys.stderr, flush=True)
+    from marginface.data.sources import read_image_file
+
+    features = ident.embed_image_files(model, lambda i: read_image_file(files[i]), len(files), flip=not args.no_flip,
+                                       batch_size=args.batch_size, device=device, normalize=args.normalize,
+                                       amp_dtype=amp_dtype)
+    written = ident.save_features(args.out, features, files)
+    result = {**written, "images": len(files), "dim": int(features.shape[1]), "flip": not args.no_flip,
+              "precision": args.precision}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {written['features']} ({len(files)} x {features.shape[1]}) and {written['files']}")
+    return 0
+
+
+def _add_embed_parser(sub) -> None:
+    m = sub.add_parser("embed", help="embed every image under a folder into an N x D .npy (e.g. identify --distractors)",
+                       description="Embed every image under --images (any depth, sorted) with the model; write the "
+                                   "N x D float32 features to --out (.npy) and the image paths, one per row, to the "
+                                   ".txt beside it. Use the same model, flip and precision as the identify run.")
+    m.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    m.add_argument("--images", required=True, help="folder of images (any depth)")
+    m.add_argument("--out", required=True, help="feature file to write (.npy)")
+    m.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
+    m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
+    _add_precision_option(m)
+    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    m.set_defaults(func=cmd_embed)
+
+
 def _add_identify_parser(sub) -> None:
     i = sub.add_parser("identify", help="1:N identification: gallery and probe identity folders (+ distractors)",
                        description="Enrol DIR/<identity>/*.jpg of --gallery (one template per identity), search "
@@ -585,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     _add_identify_parser(sub)
+    _add_embed_parser(sub)
 
     d = sub.add_parser("data", help="make, inspect and convert datasets")
     dsub = d.add_subparsers(dest="data_command", parser_class=_Parser, required=True)

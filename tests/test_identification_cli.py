@@ -135,6 +135,44 @@ def test_known_embeddings_json_files_and_text(colour_world, capsys):
     assert "embedding gallery: 8 images" in err
 
 
+def test_embed_writes_features_identify_accepts_as_distractors(colour_world, capsys):
+    root, model, expected = colour_world
+    feats = root / "feats" / "distractors.npy"
+    code, out, err = run(capsys, "embed", "--model", model, "--images", root / "distractors", "--out", feats,
+                         "--batch-size", "2", "--json")
+    assert code == 0, err
+    written = json.loads(out)
+    assert (written["images"], written["dim"], written["flip"], written["precision"]) == (3, 3, True, "fp32")
+    rows = np.load(feats)
+    assert rows.dtype == np.float32 and rows.shape == (3, 3)
+    listed = (root / "feats" / "distractors.txt").read_text().splitlines()
+    assert [Path(p).name for p in listed] == ["0.png", "2.png", "1.png"]  # part0/0, part0/2, part1/1: row order
+    # flip-sum of a uniform colour is twice its feature; row order follows the listing
+    by_name = {f"{k}.png": colour_feature(c) for k, c in enumerate(GREYS)}
+    assert np.allclose(rows, 2 * np.stack([by_name[Path(p).name] for p in listed]), atol=1e-5)
+    assert not list((root / "feats").glob("*.tmp"))
+
+    base = ["identify", "--model", model, "--gallery", root / "gallery", "--probes", root / "probes", "--json"]
+    code, out_npy, err = run(capsys, *base, "--distractors", feats)
+    assert code == 0, err
+    code, out_dir, err = run(capsys, *base, "--distractors", root / "distractors")
+    assert code == 0, err
+    a, b = json.loads(out_npy), json.loads(out_dir)
+    assert a["cmc"] == b["cmc"] and a["distractors"] == b["distractors"] == 3
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["--images", "{root}/nope", "--out", "{root}/f.npy"], "--images: {root}/nope: not a directory"),
+    (["--images", "{root}/distractors", "--out", "{root}/f.bin"], "must end in .npy"),
+])
+def test_embed_bad_input_is_one_error_line(colour_world, capsys, argv_tail, message):
+    root, model, _ = colour_world
+    tail = [a.format(root=root) for a in argv_tail]
+    code, out, err = run(capsys, "embed", "--model", model, *tail)
+    assert code == 2 and out == ""
+    assert err.startswith("error:") and message.format(root=root) in err and len(err.strip().splitlines()) == 1
+
+
 def test_no_non_mated_probes_no_tpir(colour_world, capsys):
     root, model, _ = colour_world
     for name in STRANGERS:

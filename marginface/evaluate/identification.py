@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -320,22 +321,65 @@ def _open_feature_matrix(path: Path) -> np.ndarray:
     return matrix
 
 
-def _image_files(root: Path) -> list[Path]:
+def image_files(root: Path, what: str = "distractors") -> list[Path]:
     """Every image under ``root`` (any depth: MegaFace's distractors sit in nested folders), sorted."""
     from marginface.data.sources import IMAGE_EXTENSIONS
 
+    if not root.is_dir():
+        raise UserError(f"{what}: {root}: not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
-        raise UserError(f"distractors: {root}: no images found")
+        raise UserError(f"{what}: {root}: no images found")
     return files
+
+
+def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *, flip: bool = True,
+                      batch_size: int = 128, device: Device = "cpu", normalize: Optional[str] = None,
+                      amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """``count×D`` float32 features of the images ``read(i)`` returns (RGB uint8, resized to the
+    model's input as the pair-set readers do), decoded ``IMAGES_PER_BLOCK`` at a time so memory
+    stays bounded whatever the count; flip-sum unless ``flip=False``."""
+    from marginface.data.verification import resize_image
+    from marginface.evaluate.runner import embed_images
+
+    normalize = normalize or getattr(model, "normalize", None) or "arcface"
+    image_size = getattr(model, "input_size", None) or 112
+    blocks = []
+    for start in range(0, count, IMAGES_PER_BLOCK):
+        stop = min(start + IMAGES_PER_BLOCK, count)
+        images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
+        blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
+                                   normalize=normalize, amp_dtype=amp_dtype))
+    return np.concatenate(blocks).astype(np.float32, copy=False)
+
+
+def save_features(out: Union[str, Path], features: np.ndarray, files: Sequence[Path]) -> dict:
+    """Write ``out`` (.npy, N×D float32) and beside it ``<out>.txt`` (the image paths, one per row,
+    in row order), each atomically; returns the paths. What ``marginface embed`` writes for
+    ``identify --distractors``."""
+    out = Path(out)
+    if out.suffix.lower() != ".npy":
+        raise UserError(f"--out {out}: the feature file must end in .npy")
+    if len(features) != len(files):
+        raise ValueError(f"{len(features)} feature rows for {len(files)} files")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    listing = out.with_name(out.name[:-4] + ".txt")
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to the temporary name
+        np.save(handle, np.ascontiguousarray(features, dtype=np.float32))
+    os.replace(tmp, out)
+    from marginface.evaluate.report import write_atomic
+
+    write_atomic(listing, "".join(f"{p}\n" for p in files))
+    return {"features": str(out), "files": str(listing)}
 
 
 def _open_distractors(spec: Union[str, Path]) -> Union[np.ndarray, list[Path]]:
     """A distractor argument: a feature matrix (``.npy``) or the image files of a folder."""
     path = Path(spec)
     if path.is_dir():
-        return _image_files(path)
+        return image_files(path)
     if path.suffix.lower() == ".npy":
         return _open_feature_matrix(path)
     raise UserError(f"distractors: {path}: expected a folder of images or a .npy feature matrix")
@@ -368,11 +412,7 @@ def evaluate_identification_folders(
     ``sources`` (the paths) to the metrics.
     """
     from marginface.data.sources import read_image_file
-    from marginface.data.verification import resize_image
-    from marginface.evaluate.runner import embed_images
 
-    normalize = normalize or getattr(model, "normalize", None) or "arcface"
-    image_size = getattr(model, "input_size", None) or 112
     # Every cheap check before the first (slow) forward pass.
     gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
     opened = [(Path(spec), _open_distractors(spec)) for spec in distractors]
@@ -383,13 +423,8 @@ def evaluate_identification_folders(
     def embed(what: str, read, count: int) -> np.ndarray:
         if log:
             log(f"embedding {what}: {count} images")
-        blocks = []
-        for start in range(0, count, IMAGES_PER_BLOCK):
-            stop = min(start + IMAGES_PER_BLOCK, count)
-            images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
-            blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
-                                       normalize=normalize, amp_dtype=amp_dtype))
-        return np.concatenate(blocks)
+        return embed_image_files(model, read, count, flip=flip, batch_size=batch_size, device=device,
+                                 normalize=normalize, amp_dtype=amp_dtype)
 
     gallery_feats = embed("gallery", gallery_src.read, len(gallery_src))
     dim = gallery_feats.shape[1]
