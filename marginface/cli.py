@@ -138,16 +138,24 @@ def _eval_model_info(model) -> dict:
             "embedding_size": getattr(model, "embedding_size", None)}
 
 
-def _at_precision(model, precision: str, batch_size: int, device):
-    """``(model to embed with, autocast dtype)`` for ``--precision``: bf16 is autocast; int8 exists
-    only as a compiled x86 path (`marginface.deploy.compiled`), calibrated on the first batch."""
+def _embedding_model(args) -> tuple:
+    """``(model, device, amp_dtype, model_info)`` from ``--model/--normalize/--device/--precision/
+    --batch-size`` (eval, identify, embed): bf16 is autocast; int8 exists only as a compiled x86
+    path (`marginface.deploy.compiled`), calibrated on the first batch."""
     import torch
 
-    if precision == "int8":
+    from marginface.deploy.load import load_model
+
+    model = load_model(args.model, normalize=args.normalize)  # run dir, .pt, our .onnx or a foreign .onnx
+    device = _eval_device(args.device, model)
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+    info = _eval_model_info(model)
+    if args.precision == "int8":
         from marginface.deploy.compiled import CompiledEmbedder
 
-        return CompiledEmbedder(model, "int8", batch_size=batch_size, device=device), None
-    return model, (torch.bfloat16 if precision == "bf16" else None)
+        return CompiledEmbedder(model, "int8", batch_size=args.batch_size, device=device), device, None, info
+    return model, device, (torch.bfloat16 if args.precision == "bf16" else None), info
 
 
 def _add_precision_option(parser) -> None:
@@ -174,16 +182,7 @@ def cmd_eval(args) -> int:
         raise UserError("eval needs --model and --sets (or --compare RUN_A RUN_B)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    import torch
-
-    from marginface.deploy.load import load_model
-
-    model = load_model(args.model, normalize=args.normalize)  # run dir, .pt, our .onnx or a foreign .onnx
-    device = _eval_device(args.device, model)
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
-    model_info = _eval_model_info(model)
-    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
+    model, device, amp_dtype, model_info = _embedding_model(args)
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     results, curves, sources = rep.evaluate_suite(
         model, args.sets, flip=not args.no_flip, batch_size=args.batch_size, device=device,
@@ -212,15 +211,7 @@ def cmd_identify(args) -> int:
     bad = [f for f in args.fpir if not 0 < f <= 1]
     if bad:
         raise UserError(f"--fpir: each target must be in (0, 1], got {bad[0]}")
-    import torch
-
-    from marginface.deploy.load import load_model
-
-    model = load_model(args.model, normalize=args.normalize)  # the same loader as `eval`
-    device = _eval_device(args.device, model)
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
-    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
+    model, device, amp_dtype, _ = _embedding_model(args)  # the same loader as `eval`
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     result = ident.evaluate_identification_folders(
         model, args.gallery, args.probes, args.distractors or [], flip=not args.no_flip,
@@ -240,7 +231,6 @@ def cmd_identify(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from marginface.deploy.load import load_model
     from marginface.evaluate import identification as ident
 
     if args.batch_size < 1:
@@ -248,13 +238,7 @@ def cmd_embed(args) -> int:
     if not args.out.lower().endswith(".npy"):
         raise UserError(f"--out {args.out}: the feature file must end in .npy")
     files = ident.image_files(Path(args.images), "--images")  # cheap checks before loading the model
-    import torch
-
-    model = load_model(args.model, normalize=args.normalize)
-    device = _eval_device(args.device, model)
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
-    model, amp_dtype = _at_precision(model, args.precision, args.batch_size, device)
+    model, device, amp_dtype, _ = _embedding_model(args)
     if not args.json:
         print(f"embedding {len(files)} images under {args.images}", file=sys.stderr, flush=True)
     from marginface.data.sources import read_image_file
