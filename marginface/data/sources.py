@@ -24,6 +24,15 @@ from marginface.errors import UserError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
+def list_image_files(root: str | Path, recursive: bool = True) -> list[Path]:
+    """The image files under ``root`` (at any depth, or directly in it), sorted by path; hidden
+    files and folders (``.name``) are skipped. Empty when there are none."""
+    root = Path(root)
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 @runtime_checkable
 class Source(Protocol):
     num_classes: int

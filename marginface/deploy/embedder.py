@@ -254,8 +254,7 @@ class FaceEmbedder:
 
 
 def iter_image_files(folder: Union[str, Path]) -> Iterable[Path]:
-    from marginface.deploy.quantize import IMAGE_EXTENSIONS
+    """The images directly in ``folder``, sorted (one gallery identity's photos)."""
+    from marginface.data.sources import list_image_files
 
-    for p in sorted(Path(folder).iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            yield p
+    yield from list_image_files(folder, recursive=False)

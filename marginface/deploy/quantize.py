@@ -31,9 +31,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from marginface.data.sources import IMAGE_EXTENSIONS, list_image_files
 from marginface.errors import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,9 @@ def load_calibration_images(folder: Union[str, Path], input_size: tuple[int, int
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--calib {folder}: not a directory of calibration images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_image_files(folder)
     if not files:
-        raise UserError(f"--calib {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise UserError(f"--calib {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
     if len(files) > limit:
         pick = np.random.default_rng(seed).choice(len(files), limit, replace=False)
         files = [files[i] for i in sorted(pick)]

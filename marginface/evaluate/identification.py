@@ -323,12 +323,11 @@ def _open_feature_matrix(path: Path) -> np.ndarray:
 
 def image_files(root: Path, what: str = "distractors") -> list[Path]:
     """Every image under ``root`` (any depth: MegaFace's distractors sit in nested folders), sorted."""
-    from marginface.data.sources import IMAGE_EXTENSIONS
+    from marginface.data.sources import list_image_files
 
     if not root.is_dir():
         raise UserError(f"{what}: {root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = list_image_files(root)
     if not files:
         raise UserError(f"{what}: {root}: no images found")
     return files
