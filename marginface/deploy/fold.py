@@ -185,7 +185,7 @@ def regroup_conv(conv: nn.Conv2d, channels_per_group: int) -> nn.Conv2d:
         wide.weight.copy_(weight)
         if conv.bias is not None:
             wide.bias.copy_(conv.bias)
-    return wide.to(conv.weight.device).train(conv.training)
+    return wide.to(device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
 
 
 def regroup_thin_convs(model: nn.Module, channels_per_group: int = 4) -> nn.Module:

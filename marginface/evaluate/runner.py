@@ -76,7 +76,9 @@ def _inference_model(model: Model) -> tuple[Model, bool]:
         from marginface.deploy.fold import fold_batchnorm, regroup_thin_convs  # shared with export
 
         with torch.no_grad():
-            return regroup_thin_convs(fold_batchnorm(model)), True
+            folded = fold_batchnorm(model)
+            on_cpu = all(p.device.type == "cpu" for p in folded.parameters())
+            return (regroup_thin_convs(folded) if on_cpu else folded), True  # measured on oneDNN only
     except Exception:  # untraceable control flow, exotic modules: the plain model is always right
         return model, True
 
