@@ -367,6 +367,8 @@ def save_features(out: Union[str, Path], features: np.ndarray, files: Sequence[P
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to the temporary name
         np.save(handle, np.ascontiguousarray(features, dtype=np.float32))
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, out)
     from marginface.evaluate.report import write_atomic
 

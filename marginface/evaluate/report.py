@@ -155,9 +155,13 @@ def json_safe(obj):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to ``<name>.tmp`` beside ``path``, then rename: a crash never leaves half a file."""
+    """Write to ``<name>.tmp`` beside ``path``, fsync, then rename: a crash or power loss never
+    leaves half a file (the rename lands only after the data is on disk)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
