@@ -114,11 +114,16 @@ def test_regroup_leaves_depthwise_dense_and_uneven_convs_alone():
     assert all(regroup_conv(c, 4) is c for c in (depthwise, dense, uneven))
     model = _randomise_bn(build_backbone("mbf", input_size=32, width_mult=0.25))
     folded = fold_batchnorm(model)
-    before = sorted(m.groups for m in folded.modules() if isinstance(m, torch.nn.Conv2d))
+
+    def thin(net):
+        return [m for m in net.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and 1 < m.in_channels // m.groups < 4]
+
+    depthwise_before = sum(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 for m in folded.modules())
     regrouped = regroup_thin_convs(fold_batchnorm(model))
-    thin = [m for m in regrouped.modules()
-            if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and 1 < m.in_channels // m.groups < 4]
-    assert not thin and sum(g > 1 for g in before) > 10  # mbf's stem was the one thin conv
+    assert len(thin(folded)) == 1 and not thin(regrouped)  # mbf's stem was the one thin conv
+    assert depthwise_before > 10 and depthwise_before == sum(
+        isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 for m in regrouped.modules())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(regrouped(x), folded(x), rtol=1e-4, atol=1e-4 * folded(x).abs().max().item())

@@ -99,9 +99,8 @@ class CompiledEmbedder:
         self.device = torch.device(device)
         if precision == "int8" and self.device.type != "cpu":
             raise UserError("int8 PyTorch inference is the x86 CPU path; use --precision bf16 on a GPU")
-        scripted = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()) \
-            if isinstance(model, torch.nn.Module) else False  # e.g. deploy.load's TorchScript wrapper
-        if not isinstance(model, torch.nn.Module) or scripted:
+        # TorchScript (also inside deploy.load's wrapper) can be neither exported nor compiled
+        if not isinstance(model, torch.nn.Module) or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
             raise UserError("compiled inference needs a PyTorch model (run directory or checkpoint), not "
                             f"{type(model).__name__} (an ONNX model gets int8 from `marginface export --int8`)")
         for name in _COPIED_ATTRIBUTES:

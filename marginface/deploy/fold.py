@@ -148,27 +148,32 @@ class MaxFormPReLU(nn.Module):
         return y
 
 
-def rewrite_prelu(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.PReLU`` of ``model`` (in place) by the equivalent `MaxFormPReLU`."""
+def _replace_children(model: nn.Module, kind: type, make) -> nn.Module:
+    """Every submodule of type ``kind`` replaced (in place) by ``make(submodule)``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.PReLU):
-                setattr(parent, name, MaxFormPReLU(child))
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
     return model
+
+
+def rewrite_prelu(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.PReLU`` of ``model`` (in place) by the equivalent `MaxFormPReLU`."""
+    return _replace_children(model, nn.PReLU, MaxFormPReLU)
 
 
 def regroup_conv(conv: nn.Conv2d, channels_per_group: int) -> nn.Conv2d:
     """The same convolution with fewer, wider groups: ``channels_per_group`` input channels each,
     the original groups' weights on the block diagonal and zeros elsewhere (identical outputs).
 
-    Why: oneDNN's kernels for *thin* groups are pathological. mbf's stem conv (128 channels in 64
-    groups of 2, 56x56) takes ~4 ms per image in fp32 channels_last, ~40% of the whole network;
-    the same conv as 32 groups of 4 does twice the multiply-adds in half the time (bf16: 2x too).
+    Why: oneDNN's kernels for *thin* groups are slow. mbf's stem conv (128 channels in 64 groups of
+    2, 56x56) as 32 groups of 4 does twice the multiply-adds in 0.74x the time in fp32 and 0.51x in
+    bf16 (``benchmarks/grouped_conv.py``).
     Inference only: training the zero blocks would make them non-zero.
     """
     in_per_group = conv.in_channels // conv.groups
-    if in_per_group == 1 or channels_per_group <= in_per_group or channels_per_group % in_per_group:
-        return conv  # depthwise (fast as it is), already wide enough, or no even merge
+    if conv.groups == 1 or in_per_group == 1 or channels_per_group <= in_per_group or channels_per_group % in_per_group:
+        return conv  # dense, depthwise (fast as it is), already wide enough, or no even merge
     merge = channels_per_group // in_per_group  # original groups per new group
     if conv.groups % merge:
         return conv
@@ -192,8 +197,4 @@ def regroup_thin_convs(model: nn.Module, channels_per_group: int = 4) -> nn.Modu
     """Replace (in place) every grouped, non-depthwise Conv2d with fewer than ``channels_per_group``
     input channels per group by its `regroup_conv` equivalent; depthwise convs (one channel per
     group, which oneDNN handles well) are left alone."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and child.groups > 1:
-                setattr(parent, name, regroup_conv(child, channels_per_group))
-    return model
+    return _replace_children(model, nn.Conv2d, lambda conv: regroup_conv(conv, channels_per_group))
