@@ -154,7 +154,8 @@ def _embedding_model(args) -> tuple:
     if args.precision == "int8":
         from marginface.deploy.compiled import CompiledEmbedder
 
-        return CompiledEmbedder(model, "int8", batch_size=args.batch_size, device=device), device, None, info
+        # compiled in small chunks (its default), calibrated on the first --batch-size images
+        return CompiledEmbedder(model, "int8", device=device), device, None, info
     return model, device, (torch.bfloat16 if args.precision == "bf16" else None), info
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marginface.deploy.compiled import CompiledEmbedder, quantize_x86
+from marginface.deploy.compiled import DEFAULT_CHUNK, CompiledEmbedder, quantize_x86
 from marginface.deploy.load import trained_looking
 from marginface.errors import UserError
 from marginface.models import build_backbone
@@ -70,6 +70,17 @@ def test_int8_calibrated_on_a_single_image_still_runs_any_batch(model, batch):
     embedder = CompiledEmbedder(model, "int8", batch_size=1)
     first = embedder(batch[:1])  # calibration = this one image
     assert first.shape == (1, 64) and embedder(batch).shape == (5, 64)
+
+
+@needs_torchao
+def test_default_chunk_and_calibration_on_the_whole_first_batch(model):
+    x = torch.randn(20, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    auto = CompiledEmbedder(model, "int8")  # CPU default: chunks of 16 (cache-sized, faster per image)
+    assert auto.batch_size == DEFAULT_CHUNK["cpu"] == 16
+    out = auto(x)  # calibrated on all 20, run as 16 + 4 padded
+    assert out.shape == (20, 64)
+    assert torch.equal(out, CompiledEmbedder(model, "int8", calibration=x)(x))
+    assert not torch.equal(out, CompiledEmbedder(model, "int8", calibration=x[:16])(x))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -225,9 +225,10 @@ def _torch_int8_fx(ctx: BenchContext) -> Runner:
 def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
     """TorchInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
     Inductor specialises on the batch size: an embedder for batch 1 (with the C++ wrapper, for
-    latency) or for every larger batch, padded to the throughput batch. Only the latest one is
-    kept and a change of size builds anew: an int8 embedder built earlier in the process runs ~2x
-    slower once another has been quantised (see `marginface.deploy.compiled`)."""
+    latency) or, for larger batches, one that runs them in its default chunks (16 images on the
+    CPU: faster per image than one big call). Only the latest one is kept and a change of kind
+    builds anew: an int8 embedder built earlier in the process runs ~2x slower once another has
+    been quantised (see `marginface.deploy.compiled`)."""
     def build(ctx: BenchContext) -> Runner:
         from marginface.data.transforms import to_tensor
         from marginface.deploy.compiled import CompiledEmbedder
@@ -238,8 +239,8 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
         current: dict = {}
 
         def run(x):
-            size = 1 if len(x) == 1 else max(len(x), 32)
-            if current.get("size") != size:
+            size = 1 if len(x) == 1 else None
+            if current.get("size", "none yet") != size:
                 current.clear()
                 current.update(size=size, embedder=CompiledEmbedder(
                     model, precision, batch_size=size, calibration=calibration, low_latency=size == 1))

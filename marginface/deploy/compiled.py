@@ -10,8 +10,10 @@ figures are in docs/deployment.md (``benchmarks/inference_latency.py``).
 
 Inductor specialises on the input shape and on the thread count at compile time, so an embedder
 runs every call in chunks of one fixed ``batch_size`` (padding the last chunk), and should be
-built under the thread setting it will run with. The first call compiles (10-30 s on 2 cores).
-int8 is calibrated on ``calibration`` or, when that is None, on the first batch it is given.
+built under the thread setting it will run with. On the CPU small chunks are faster per image:
+their activations stay in the caches (mbf int8 embeds 12,000 images with flip in ~65 s in chunks
+of 16 vs ~85 s in chunks of 128 on the 2-core VM; ``benchmarks/eval_speed.py --compile-batch``). The first call compiles (10-30 s on 2 cores).
+int8 is calibrated on ``calibration`` or, when that is None, on the whole first batch it is given.
 
 Known quirk (torch 2.13 + torchao 0.18, cause not found): quantising another model in the same
 process makes an int8 embedder built *before* it run ~2x slower (no recompilation is logged; the
@@ -29,6 +31,7 @@ import torch
 from marginface.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "int8")
+DEFAULT_CHUNK = {"cpu": 16, "cuda": 128}  # images per compiled call when batch_size is None
 _COPIED_ATTRIBUTES = ("input_size", "embedding_size", "normalize", "threshold", "threshold_source", "model_path")
 
 
@@ -89,14 +92,16 @@ class CompiledEmbedder:
     place of the model.
     """
 
-    def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: int = 64,
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: Optional[int] = None,
                  calibration: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu",
                  low_latency: bool = False):
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        if batch_size is None:
+            batch_size = DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cuda"])
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
         if precision == "int8" and self.device.type != "cpu":
             raise UserError("int8 PyTorch inference is the x86 CPU path; use --precision bf16 on a GPU")
         # TorchScript (also inside deploy.load's wrapper) can be neither exported nor compiled
