@@ -243,7 +243,7 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
             if current.get("size", "none yet") != size:
                 current.clear()
                 current.update(size=size, embedder=CompiledEmbedder(
-                    model, precision, batch_size=size, calibration=calibration, low_latency=size == 1))
+                    model, precision, batch_size=size, calibration=calibration))
             return current["embedder"](torch.from_numpy(x))
         return run
     return build

@@ -1,4 +1,4 @@
-"""Compiled PyTorch inference (TorchInductor): fp32, bf16 and x86 int8 for servers and evaluation.
+"""Compiled PyTorch inference (AOTInductor): fp32, bf16 and x86 int8 for servers and evaluation.
 
 Why this exists next to the ONNX export: ONNX Runtime has no int8 PReLU, so in an int8 ``mbf``
 every PReLU round-trips through float (about a third of its int8 time). PyTorch's PT2E
@@ -6,14 +6,16 @@ int8 flow (``torchao``'s X86InductorQuantizer: static, per-channel weights, per-
 activations) compiled by Inductor runs the convolutions as oneDNN int8 kernels (VNNI / AMX) and
 fuses each ``dequantize -> PReLU -> quantize`` between them into one vectorised C++ loop. With
 ``freezing`` Inductor also folds BatchNorm into the convolutions and prepacks the weights. The
-figures are in docs/deployment.md (``benchmarks/inference_latency.py``).
+graph is compiled ahead of time into a shared library called from C++ (no Python or Dynamo
+guards per call). The figures are in docs/deployment.md (``benchmarks/inference_latency.py``).
 
 Inductor specialises on the input shape and on the thread count at compile time, so an embedder
 runs every call in chunks of one fixed ``batch_size`` (padding the last chunk), and should be
 built under the thread setting it will run with. On the CPU small chunks are faster per image:
 their activations stay in the caches (mbf int8 embeds 12,000 images with flip in ~65 s in chunks
-of 16 vs ~85 s in chunks of 128 on the 2-core VM; ``benchmarks/eval_speed.py --compile-batch``). The first call compiles (10-30 s on 2 cores).
-int8 is calibrated on ``calibration`` or, when that is None, on the whole first batch it is given.
+of 16 vs ~85 s in chunks of 128 on the 2-core VM; ``benchmarks/eval_speed.py --compile-batch``).
+The first call compiles (15-30 s on 2 cores). int8 is calibrated on ``calibration`` or, when that
+is None, on the whole first batch it is given.
 
 Known quirk (torch 2.13 + torchao 0.18, cause not found): quantising another model in the same
 process makes an int8 embedder built *before* it run ~2x slower (no recompilation is logged; the
@@ -23,7 +25,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -93,8 +99,7 @@ class CompiledEmbedder:
     """
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: Optional[int] = None,
-                 calibration: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu",
-                 low_latency: bool = False):
+                 calibration: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu"):
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
@@ -111,13 +116,8 @@ class CompiledEmbedder:
         for name in _COPIED_ATTRIBUTES:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
-        self.precision, self.batch_size, self.low_latency = precision, batch_size, low_latency
+        self.precision, self.batch_size = precision, batch_size
         self._source, self._calibration, self._compiled = model, calibration, None
-
-    # Inductor options: freezing folds BN / prepacks weights (needs no_grad); the C++ wrapper
-    # removes the Python launcher, worth ~1 ms per call at batch 1 but ~2x the compile time.
-    def _options(self) -> dict:
-        return {"freezing": True, "cpp_wrapper": self.low_latency and self.device.type == "cpu"}
 
     def _build(self, first: torch.Tensor) -> None:
         if self.precision == "int8":
@@ -129,11 +129,18 @@ class CompiledEmbedder:
                 net = net.to(torch.bfloat16)
             net = net.to(memory_format=torch.channels_last)
         self._source = self._calibration = None  # the compiled graph holds what it needs
-        with torch._inductor.config.patch(self._options()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Inductor's own int8 lowering warns about a tensor copy
-            compiled = torch.compile(net, dynamic=False)
-            compiled(self._prepare(first[: self.batch_size], pad=True))  # compile now, under these options
-        self._compiled = compiled
+        example = self._prepare(first[: self.batch_size], pad=True)
+        # Ahead-of-time (AOTInductor): the graph becomes a shared library run from C++, with no
+        # Dynamo guards or Python launcher per call (mbf int8 batch 1: 3.5-4.1 vs 4.7-4.8 ms with
+        # torch.compile). freezing folds BatchNorm and prepacks the (int8) weights.
+        package_dir = tempfile.mkdtemp(prefix="marginface-compiled-")
+        weakref.finalize(self, shutil.rmtree, package_dir, ignore_errors=True)
+        with torch._inductor.config.patch({"freezing": True}), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # export and Inductor's int8 lowering warn about internals
+            program = torch.export.export(net, (example,))
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(package_dir, "model.pt2"))
+        self._compiled = torch._inductor.aoti_load_package(package)
 
     def _prepare(self, x: torch.Tensor, pad: bool) -> torch.Tensor:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
