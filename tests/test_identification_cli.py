@@ -267,6 +267,7 @@ def test_pretrained_onnx_on_johns(johns_split, capsys):
     ("top_zero", "--top must be >= 1"),
     ("fpir_zero", "--fpir: each target must be in (0, 1]"),
     ("int8_torchscript", "compiled inference needs a PyTorch model"),
+    ("compile_torchscript", "compiled inference needs a PyTorch model"),
 ])
 def test_bad_input_is_one_error_line(colour_world, capsys, case, message):
     root, model, _ = colour_world
@@ -282,6 +283,8 @@ def test_bad_input_is_one_error_line(colour_world, capsys, case, message):
             shutil.rmtree(probes / name)
     elif case == "int8_torchscript":  # the colour model is TorchScript: no x86 int8 compile for it
         extra = ["--precision", "int8"]
+    elif case == "compile_torchscript":
+        extra = ["--compile"]
     elif case == "wrong_dim_npy":
         np.save(root / "wide.npy", np.ones((4, 5), np.float32))
         extra = ["--distractors", root / "wide.npy"]

@@ -265,16 +265,19 @@ def test_eval_cli_suite_report_and_compare(run_dir, tmp_path, capsys):
 
 @needs_lfw_mini
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed (int8 path)")
-def test_eval_cli_compiled_int8_is_recorded_and_close_to_fp32(run_dir, tmp_path, capsys):
+def test_eval_cli_compiled_int8_and_fp32_are_recorded_and_close_to_fp32(run_dir, tmp_path, capsys):
     runs = {}
-    for name, extra in (("fp32", []), ("int8", ["--precision", "int8"])):
+    for name, extra in (("fp32", []), ("int8", ["--precision", "int8"]), ("compiled", ["--compile"])):
         code, out, err = run_main(capsys, "eval", "--model", str(run_dir / "checkpoints" / "last.pt"), "--sets",
                                   str(LFW_MINI), "--batch-size", "8", "--out", str(tmp_path / name),
                                   "--no-plots", "--json", *extra)
         assert code == 0, err
         runs[name] = strict_json(out)["lfw_mini"]
-    assert load_report(tmp_path / "int8")["eval_precision"] == "int8"
-    assert load_report(tmp_path / "fp32")["eval_precision"] == "fp32"
+    recorded = {name: (load_report(tmp_path / name)["eval_precision"], load_report(tmp_path / name)["eval_compiled"])
+                for name in runs}
+    assert recorded == {"fp32": ("fp32", False), "int8": ("int8", True), "compiled": ("fp32", True)}
+    for key in ("pos_mean", "neg_mean"):  # the same fp32 function, compiled: only rounding differs
+        assert runs["compiled"][key] == pytest.approx(runs["fp32"][key], abs=1e-4), key
     for key in ("pos_mean", "neg_mean"):  # int8 moves the mean cosines a little, not a lot
         assert runs["int8"][key] != runs["fp32"][key]
         assert abs(runs["int8"][key] - runs["fp32"][key]) < 0.05, key
