@@ -420,12 +420,14 @@ def cmd_export(args) -> int:
                            reduce_range=args.reduce_range, calibration=args.calibration,
                            grouped_convs=args.grouped_convs)
     report = export_model(args.model, args.out, fmt=args.format, int8=args.int8, calib=args.calib,
-                          opset=args.opset, backbone=args.backbone, quant_options=options if args.int8 else None)
+                          opset=args.opset, backbone=args.backbone, quant_options=options if args.int8 else None,
+                          precision=args.precision, batch_size=args.batch_size)
     if args.json:
         _print_json(report)
     else:
         parity = report.get("parity", {})
-        print(f"wrote {report['out']} ({report['format']}{', int8' if report['int8'] else ''}, "
+        kind = report.get("precision", "int8" if report["int8"] else "")
+        print(f"wrote {report['out']} ({report['format']}{', ' + kind if kind else ''}, "
               f"{report['file_mb']:.2f} MiB); parity vs PyTorch on {parity.get('images')} faces: "
               f"min cosine {parity.get('min_cosine', float('nan')):.6f}, max abs diff {parity.get('max_abs_diff', float('nan')):.2e}")
     return 0
@@ -442,8 +444,9 @@ def cmd_bench(args) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"{result['model']}: {result['params'] / 1e6:.2f}M params, {result['gmacs']:.3f} GMACs, "
-              f"{result['file_mb']:.2f} MiB, {result['threads']} threads")
+        size = (f"{result['params'] / 1e6:.2f}M params, {result['gmacs']:.3f} GMACs" if result["params"] is not None
+                else f"compiled {result['precision']} package, batch {result['compiled_batch']}")
+        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB, {result['threads']} threads")
         for name, lat in result["latency_ms"].items():
             print(f"  {name:24s} batch 1: {lat['median']:7.2f} ms (p90 {lat['p90']:.2f})   "
                   f"batch {result['batch']['throughput']}: {result['throughput_ips'][name]:8.1f} img/s")
@@ -534,10 +537,16 @@ def _add_model_options(p) -> None:
 
 
 def _add_deploy_parsers(sub) -> None:
-    x = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or TorchScript")
+    x = sub.add_parser("export", help="export a trained model to ONNX (optionally int8), TorchScript or a "
+                                      "compiled x86/CUDA package")
     x.add_argument("model", nargs="?", help="run directory or checkpoint (.pt)")
     x.add_argument("--backbone", help="export this architecture with random weights instead (size checks)")
-    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "torchscript", "aoti"], default="onnx",
+                   help="aoti: an ahead-of-time compiled .pt2 (fastest on x86 servers; same torch and CPU to run)")
+    x.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="with --format aoti: arithmetic of the package (int8 needs --calib and torchao)")
+    x.add_argument("--batch-size", type=int, default=1,
+                   help="with --format aoti: images per compiled call (1: lowest latency; 16: throughput on a CPU)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--opset", type=int, default=13, help="ONNX opset, 13..17 (13: widest mobile runtime support)")
     x.add_argument("--int8", action="store_true", help="static int8 quantisation (needs --calib)")

@@ -2,6 +2,7 @@
 metadata, atomic writes, int8 accuracy and size, the size targets, `bench` and the CLI contract."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from marginface.data.verification import load_lfw_dir
 from marginface.deploy.export import compare_embeddings, export_model, export_onnx
 from marginface.deploy.fold import count_batchnorm, fold_batchnorm, regroup_conv, regroup_thin_convs, rewrite_prelu
 from marginface.deploy.load import load_model, random_backbone
+from marginface.errors import UserError
 from marginface.evaluate.runner import evaluate_pair_set
 from marginface.models import build_backbone
 
@@ -296,6 +298,10 @@ def test_bench_onnx_file(tmp_path, capsys):
     (["export", "--backbone", "mbf", "--opset", "9", "--out", "x.onnx"], "--opset 9"),
     (["export", "--backbone", "mbf", "--int8", "--calib", "/nonexistent", "--out", "x.onnx"], "not a directory"),
     (["bench", "--backbone", "nosuchnet", "--json"], "unknown backbone"),
+    (["export", "--backbone", "mbf", "--format", "aoti", "--out", "x.onnx"], "must end in .pt2"),
+    (["export", "--backbone", "mbf", "--precision", "bf16", "--out", "x.onnx"], "--precision bf16 needs --format aoti"),
+    (["export", "--backbone", "mbf", "--format", "aoti", "--precision", "int8", "--out", "x.pt2"], "needs --calib"),
+    (["export", "--backbone", "mbf", "--format", "aoti", "--batch-size", "0", "--out", "x.pt2"], "--batch-size"),
 ])
 def test_cli_errors(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -312,3 +318,46 @@ def test_cli_export_json(trained_run, tmp_path, capsys):
     assert main(["export", str(trained_run), "--format", "onnx", "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["out"] == str(out) and report["parity"]["min_cosine"] > 0.9999 and out.is_file()
+
+
+def test_compiled_package_export_load_bench_and_bad_files(trained_run, tmp_path):
+    """``--format aoti``: a .pt2 that load_model runs without recompiling, like the checkpoint."""
+    from marginface.deploy.bench import bench
+    from marginface.deploy.compiled import CompiledEmbedder
+
+    out = tmp_path / "model.pt2"
+    report = export_model(trained_run, out, fmt="aoti", batch_size=2)
+    assert report["parity"]["min_cosine"] > 0.9999 and report["file_mb"] > 0.1
+    assert (report["metadata"]["precision"], report["metadata"]["batch_size"]) == ("fp32", 2)
+    reference, package = load_model(trained_run), load_model(out)
+    assert isinstance(package, CompiledEmbedder) and package.model_path == str(out)
+    assert (package.input_size, package.embedding_size) == (reference.input_size, 128)
+    assert package.threshold == pytest.approx(reference.threshold) and package.normalize == reference.normalize
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # 2 + 2 + 1 padded
+    with torch.no_grad():
+        assert torch.allclose(package(x), reference(x), atol=1e-4)
+    with pytest.raises(ValueError, match="takes 3×32×32 images"):
+        package(torch.randn(2, 3, 40, 40))
+    result = bench(out, runs=5, max_seconds=1, throughput_runs=3)
+    assert set(result["latency_ms"]) == {"compiled-package"} and result["compiled_batch"] == 2
+    assert result["input_size"] == [32, 32] and result["sizes_mb"]["pt2"] == pytest.approx(report["file_mb"], abs=1e-3)
+
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="broken.pt2: not a loadable compiled package"):
+        load_model(broken)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed (int8 package)")
+def test_int8_compiled_package_keeps_accuracy(trained_run, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, image in enumerate(render_identities(range(64), 2, 32, seed=0)):  # training identities
+        cv2.imwrite(str(calib / f"{i}.png"), image[..., ::-1])
+    out = tmp_path / "int8.pt2"
+    report = export_model(trained_run, out, fmt="aoti", precision="int8", batch_size=16, calib=calib)
+    assert report["int8"] and report["metadata"]["precision"] == "int8"
+    assert 0.98 < report["parity"]["min_cosine"] < 0.99999  # int8 rounding: visible, small
+    held_out = synthetic_pair_set(200, 6, 2000, image_size=32, seed=5, name="held_out")
+    acc = {name: evaluate_pair_set(load_model(p), held_out)["accuracy"] for name, p in (("fp32", trained_run), ("int8", out))}
+    assert acc["fp32"] - acc["int8"] <= 0.005, acc

@@ -386,7 +386,17 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
         result: dict = {"model": str(model_spec) if model_spec else f"{backbone} (random weights)"}
         sizes: dict = {}
         spec_path = Path(model_spec) if model_spec else None
-        if spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".onnx":
+        if spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".pt2":
+            # a compiled package (`marginface export --format aoti`) runs only as itself
+            package = load_model(spec_path, normalize)
+            hw, ctx = tuple(package._image_shape[1:]), None
+            builders = {"compiled-package": lambda _: lambda x: package(torch.from_numpy(x))}
+            runtimes = ["compiled-package"]
+            sizes["pt2"] = round(file_mb(spec_path), 3)
+            result.update(params=None, file_mb=sizes["pt2"], gmacs=None, input_size=list(hw),
+                          embedding_size=package.embedding_size, precision=package.precision,
+                          compiled_batch=package.batch_size)
+        elif spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".onnx":
             onnx_model = load_model(spec_path, normalize, threads=1)
             hw = tuple(onnx_model.input_size)
             ctx = BenchContext(hw, threads, workdir, onnx_path=spec_path, given_onnx=spec_path,
@@ -435,7 +445,7 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
                 latency[name] = latency_stats(time_runs(fn, x1, warmup=10, runs=runs, max_seconds=max_seconds))
                 tt = time_runs(fn, xb, warmup=2, runs=throughput_runs, max_seconds=max_seconds, min_runs=3)
                 throughput[name] = round(throughput_batch / float(np.median(tt)), 1)
-        for key, path in ctx._quantized.items():
+        for key, path in (ctx._quantized.items() if ctx else ()):
             if path != ctx.given_onnx:
                 sizes[f"onnx-{key}"] = round(file_mb(path), 3)
         result.update(latency_ms=latency, throughput_ips=throughput, threads=threads, malloc_kept=kept,

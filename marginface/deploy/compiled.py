@@ -24,12 +24,14 @@ newest one is unaffected). Build one int8 embedder per process and reuse it, as 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
 import warnings
 import weakref
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from marginface.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "int8")
+PACKAGE_METADATA = "marginface"  # key of our JSON in a .pt2 package's metadata
 DEFAULT_CHUNK = {"cpu": 16, "cuda": 128}  # images per compiled call when batch_size is None
 _COPIED_ATTRIBUTES = ("input_size", "embedding_size", "normalize", "threshold", "threshold_source", "model_path")
 
@@ -118,6 +121,8 @@ class CompiledEmbedder:
                 setattr(self, name, getattr(model, name))
         self.precision, self.batch_size = precision, batch_size
         self._source, self._calibration, self._compiled = model, calibration, None
+        self._package: Optional[str] = None  # the compiled .pt2, once built
+        self._image_shape: Optional[tuple] = None  # (3, H, W) it was compiled for
 
     def _build(self, first: torch.Tensor) -> None:
         if self.precision == "int8":
@@ -135,12 +140,59 @@ class CompiledEmbedder:
         # torch.compile). freezing folds BatchNorm and prepacks the (int8) weights.
         package_dir = tempfile.mkdtemp(prefix="marginface-compiled-")
         weakref.finalize(self, shutil.rmtree, package_dir, ignore_errors=True)
-        with torch._inductor.config.patch({"freezing": True}), warnings.catch_warnings():
+        self._image_shape = tuple(example.shape[1:])
+        options = {"freezing": True, "aot_inductor.metadata": {PACKAGE_METADATA: json.dumps(self._metadata())}}
+        with torch._inductor.config.patch(options), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # export and Inductor's int8 lowering warn about internals
             program = torch.export.export(net, (example,))
-            package = torch._inductor.aoti_compile_and_package(
+            self._package = torch._inductor.aoti_compile_and_package(
                 program, package_path=os.path.join(package_dir, "model.pt2"))
-        self._compiled = torch._inductor.aoti_load_package(package)
+        self._compiled = torch._inductor.aoti_load_package(self._package)
+
+    def _metadata(self) -> dict:
+        """What `load` needs to run a saved package as this embedder ran it."""
+        meta = {name: getattr(self, name, None) for name in _COPIED_ATTRIBUTES if name != "model_path"}
+        return {**meta, "precision": self.precision, "batch_size": self.batch_size, "device": self.device.type,
+                "image_shape": list(self._image_shape), "torch": torch.__version__}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the compiled package (``.pt2``; atomically): `load` runs it with no recompiling,
+        on a machine with the same torch version and CPU instruction sets (or CUDA)."""
+        from marginface.deploy.export import atomic_path
+
+        if self._package is None:
+            raise UserError("nothing compiled yet: embed a batch first (compiling happens on the first call)")
+        with atomic_path(path) as tmp:
+            shutil.copyfile(self._package, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], normalize: Optional[str] = None) -> "CompiledEmbedder":
+        """A package written by `save` (``marginface export --format aoti``), ready to run."""
+        path = Path(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+                meta = json.loads(runner.get_metadata().get(PACKAGE_METADATA) or "null")
+            except Exception as exc:  # a zip/ABI/ISA error: one line
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"{path}: not a loadable compiled package ({first})") from None
+        if not isinstance(meta, dict) or meta.get("precision") not in PRECISIONS:
+            raise UserError(f"{path}: a .pt2 package without marginface metadata (write it with "
+                            "`marginface export --format aoti`)")
+        embedder = cls.__new__(cls)
+        for name in _COPIED_ATTRIBUTES:
+            if name in meta:
+                setattr(embedder, name, tuple(meta[name]) if isinstance(meta[name], list) else meta[name])
+        embedder.normalize = normalize or meta.get("normalize") or "arcface"
+        embedder.model_path, embedder.metadata = str(path), meta
+        embedder.precision, embedder.batch_size = meta["precision"], int(meta["batch_size"])
+        embedder.device = torch.device(meta.get("device", "cpu"))
+        embedder._source = embedder._calibration = None
+        embedder._package, embedder._compiled = str(path), runner
+        embedder._image_shape = tuple(meta["image_shape"])
+        return embedder
 
     def _prepare(self, x: torch.Tensor, pad: bool) -> torch.Tensor:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -163,6 +215,9 @@ class CompiledEmbedder:
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                     raise UserError(f"compiling the model for {self.precision} inference failed: "
                                     f"{type(exc).__name__}: {first}") from exc
+            if tuple(x.shape[1:]) != self._image_shape:  # the compiled code does not check shapes itself
+                raise ValueError(f"this compiled model takes {self._image_shape[0]}×{self._image_shape[1]}×"
+                                 f"{self._image_shape[2]} images, got {tuple(x.shape[1:])}")
             for start in range(0, len(x), self.batch_size):
                 chunk = x[start : start + self.batch_size]
                 out = self._compiled(self._prepare(chunk, pad=True))

@@ -276,20 +276,60 @@ def export_torchscript(model: torch.nn.Module, out: Union[str, Path], *, metadat
 
 
 # ---------------------------------------------------------------------------------------------- the command
+def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision: str = "fp32", batch_size: int = 1,
+                    calib: Optional[Union[str, Path]] = None, calib_limit: int = 256) -> dict:
+    """An ahead-of-time compiled package (``.pt2``, `deploy.compiled`): the fastest CPU path
+    (x86 int8 / bf16), tied to this torch version and CPU; runs every call in batches of
+    ``batch_size`` (1: lowest latency)."""
+    from marginface.deploy.compiled import PRECISIONS, CompiledEmbedder
+
+    if Path(out).suffix != ".pt2":
+        raise UserError(f"--out {out}: a compiled package must end in .pt2")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and not calib:
+        raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
+    from marginface.data.transforms import to_tensor
+
+    if calib:
+        from marginface.deploy.quantize import load_calibration_images
+
+        images = load_calibration_images(calib, _input_hw(model), limit=calib_limit)
+    else:
+        images = parity_images(_input_hw(model), max(batch_size, 1))
+    x = to_tensor(images, getattr(model, "normalize", "arcface"))
+    embedder = CompiledEmbedder(model, precision, batch_size=batch_size, calibration=x)
+    embedder(x[:batch_size])  # compiles (int8: calibrated on every calibration image)
+    embedder.save(out)
+    return {"precision": precision, "batch_size": batch_size}
+
+
+FORMATS = ("onnx", "torchscript", "aoti")
+
+
 def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool = False,
                  calib: Optional[Union[str, Path]] = None, opset: int = DEFAULT_OPSET,
                  backbone: Optional[str] = None, quant_options=None, check: bool = True,
-                 calib_limit: int = 256) -> dict:
+                 calib_limit: int = 256, precision: str = "fp32", batch_size: int = 1) -> dict:
     """``marginface export``: returns a report (file, size, metadata, parity with PyTorch)."""
     out = Path(out)
-    if fmt not in ("onnx", "torchscript"):
-        raise UserError(f"--format must be onnx or torchscript, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if int8 and fmt != "onnx":
-        raise UserError("--int8 needs --format onnx (int8 is ONNX Runtime static quantisation)")
+        raise UserError("--int8 needs --format onnx (a compiled package takes --precision int8)")
+    if precision != "fp32" and fmt != "aoti":
+        raise UserError(f"--precision {precision} needs --format aoti (ONNX int8: --int8)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if int8 and not calib:
         raise UserError("--int8 needs --calib DIR: a folder of aligned face crops for calibration")
     model = load_source(source, backbone=backbone)
     hw = _input_hw(model)
+    if fmt == "aoti":
+        report = {"out": str(out), "format": fmt, "int8": precision == "int8",
+                  **export_compiled(model, out, precision=precision, batch_size=batch_size, calib=calib,
+                                    calib_limit=calib_limit)}
+        return _finish_report(report, model, out, check)
     if int8:
         from marginface.deploy.quantize import QuantOptions, load_calibration_images
 
@@ -311,11 +351,16 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
             quantize_onnx(fp32, out, calib_images, options=quant_options, normalize=model.normalize)
         report["opset"] = opset
         report["quantization"] = quant_options.describe()
+    return _finish_report(report, model, out, check)
+
+
+def _finish_report(report: dict, model, out: Path, check: bool) -> dict:
+    """Size, parity with the PyTorch model and the metadata as read back by `load_model`."""
+    from marginface.deploy.load import load_model
+
     report["file_mb"] = file_mb(out)
     if check:
         report["parity"] = check_parity(model, out)
-    from marginface.deploy.load import load_model
-
     loaded = load_model(out, threads=1)
     report["metadata"] = dict(getattr(loaded, "metadata", {}))
     return report

@@ -1,7 +1,8 @@
 """One loader for every model marginface can run: ``load_model(path_or_run, normalize=None)``.
 
 It accepts a run directory, a training checkpoint (``.pt``), our TorchScript export, our ONNX
-export or a foreign insightface-style ONNX recognition model, and returns a callable embedder
+export, our compiled package (``.pt2``, `deploy.compiled`) or a foreign insightface-style ONNX
+recognition model, and returns a callable embedder
 (normalised float ``N×3×H×W`` -> ``N×D``) with the attributes evaluation and deployment read:
 
 - ``input_size`` (int or (H, W)), ``embedding_size``;
@@ -158,13 +159,17 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
     _check_normalize(normalize)
     path = Path(path_or_run)
     if not path.exists():
-        raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint or a .onnx file)")
+        raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")
     if path.is_file() and _looks_like_onnx(path):
         from marginface.deploy.onnx_model import OnnxEmbedder
 
         model = OnnxEmbedder(path, normalize, threads=threads)
         model.model_path = str(path)
         return model
+    if path.is_file() and path.suffix.lower() == ".pt2":
+        from marginface.deploy.compiled import CompiledEmbedder
+
+        return CompiledEmbedder.load(path, normalize)
     if path.is_file() and is_torchscript(path):
         return TorchScriptEmbedder(path, normalize)
     model = load_checkpoint_model(path, prefer)
