@@ -47,7 +47,7 @@ def _pick_run_dir(out: str | None, name: str, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
-    from marginface.config import dump_yaml, load_config
+    from marginface.config import load_config
     from marginface.train.trainer import Trainer
 
     config_path = args.config

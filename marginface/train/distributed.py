@@ -308,7 +308,6 @@ def save_sharded(state: dict, head: torch.nn.Module, optimizer: torch.optim.Opti
     ckpt_dir = Path(ckpt_dir)
     W, r = world_size(), rank()
     weight = head.weight
-    rows = weight.shape[0]
     opt_state = optimizer.state.get(weight, {})
     shard_file = f"{name}-head-s{step}.rank{r}-of{W}.pt"
     save_atomic({

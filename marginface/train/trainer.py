@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 
 from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
