@@ -13,7 +13,8 @@ from marginface.config import load_config
 from marginface.data.synthetic import synthetic_pair_set
 from marginface.data.transforms import to_tensor
 from marginface.models import build_backbone
-from marginface.models.layers import PReLU, _PReLUFunction, set_fast_prelu
+from marginface.models.layers import Conv2d as FastConv2d
+from marginface.models.layers import PReLU, _PReLUFunction, regrouped_weight, set_fast_prelu
 from marginface import malloc
 from marginface.train.trainer import Trainer
 
@@ -160,6 +161,44 @@ def test_onnx_export_of_the_fast_layer_is_a_native_prelu(tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert _min_cosine(ref, torch.from_numpy(got)) > 0.9999
+
+
+# ------------------------------------------------------------------------------------------ thin-group conv
+@pytest.mark.parametrize("in_ch, groups, width, expect_groups", [(16, 8, 8, 2), (12, 4, 8, 4), (24, 8, 6, 4)])
+def test_regrouped_weight_is_the_same_function_and_gradient(in_ch, groups, width, expect_groups):
+    """In float64 the wide weight gives the thin conv's outputs and its gradient lands exactly on
+    the thin weight; (12, 4, 8): 3 channels per group do not divide 8, so nothing changes."""
+    g = torch.Generator().manual_seed(0)
+    thin = torch.randn(in_ch, in_ch // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, in_ch, 9, 9, generator=g, dtype=torch.float64)
+    wide, new_groups = regrouped_weight(thin, groups, width)
+    assert new_groups == expect_groups
+    a = torch.nn.functional.conv2d(x, thin, padding=1, groups=groups)
+    b = torch.nn.functional.conv2d(x, wide, padding=1, groups=new_groups)
+    assert torch.allclose(a, b, atol=1e-12)
+    upstream = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(a, thin, upstream)
+    (gb,) = torch.autograd.grad(b, thin, upstream)
+    assert torch.allclose(ga, gb, atol=1e-12)
+    if new_groups != groups:  # the zero blocks hold exactly zero
+        assert (wide == 0).sum().item() == wide.numel() - thin.numel()
+
+
+def test_fast_conv_under_bf16_autocast_regroups_thin_groups_and_keeps_strided_depthwise_fp32():
+    torch.manual_seed(0)
+    thin = FastConv2d(32, 32, 3, padding=1, groups=16, bias=False)  # mbf's stem: 2 channels per group
+    strided_dw = FastConv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False)
+    x = torch.randn(4, 32, 12, 12, requires_grad=True)
+    for conv, dtype in ((thin, torch.bfloat16), (strided_dw, torch.float32)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        assert y.dtype == dtype  # bf16 = the regrouped bf16 path; fp32 = the fp32 fallback
+        ref = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, 1, conv.groups)
+        assert _min_cosine(y.float().flatten(1), ref.flatten(1)) > 0.999
+        (gw,) = torch.autograd.grad(y.float().square().sum(), conv.weight)
+        (gw_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
+        assert gw.shape == conv.weight.shape  # the gradient reaches the thin weight only
+        assert _min_cosine(gw.flatten()[None], gw_ref.flatten()[None]) > 0.999
 
 
 # ------------------------------------------------------------------------------------------ whole network

@@ -164,29 +164,22 @@ def rewrite_prelu(model: nn.Module) -> nn.Module:
 
 def regroup_conv(conv: nn.Conv2d, channels_per_group: int) -> nn.Conv2d:
     """The same convolution with fewer, wider groups: ``channels_per_group`` input channels each,
-    the original groups' weights on the block diagonal and zeros elsewhere (identical outputs).
+    the original groups' weights on the block diagonal and zeros elsewhere (identical outputs;
+    `models.layers.regrouped_weight`).
 
     Why: oneDNN's kernels for *thin* groups are slow. mbf's stem conv (128 channels in 64 groups of
     2, 56x56) as 32 groups of 4 does twice the multiply-adds in 0.74x the time in fp32 and 0.51x in
-    bf16 (``benchmarks/grouped_conv.py``).
-    Inference only: training the zero blocks would make them non-zero.
+    bf16 (``benchmarks/grouped_conv.py``). A module for inference: training the zero blocks would
+    make them non-zero (the training layer rebuilds its wide weight each step instead).
     """
-    in_per_group = conv.in_channels // conv.groups
-    if conv.groups == 1 or in_per_group == 1 or channels_per_group <= in_per_group or channels_per_group % in_per_group:
+    from marginface.models.layers import regrouped_weight
+
+    weight, groups = regrouped_weight(conv.weight.detach(), conv.groups, channels_per_group)
+    if groups == conv.groups:
         return conv  # dense, depthwise (fast as it is), already wide enough, or no even merge
-    merge = channels_per_group // in_per_group  # original groups per new group
-    if conv.groups % merge:
-        return conv
-    groups = conv.groups // merge
-    out_per_group = conv.out_channels // conv.groups
     wide = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, groups, conv.bias is not None, conv.padding_mode)
     with torch.no_grad():
-        weight = torch.zeros_like(wide.weight)
-        for g in range(conv.groups):  # original group g -> block (g % merge) of new group g // merge
-            rows = slice(g * out_per_group, (g + 1) * out_per_group)
-            cols = slice((g % merge) * in_per_group, (g % merge + 1) * in_per_group)
-            weight[rows, cols] = conv.weight[rows]
         wide.weight.copy_(weight)
         if conv.bias is not None:
             wide.bias.copy_(conv.bias)

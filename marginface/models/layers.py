@@ -21,7 +21,9 @@ gradient is wanted, in eager mode on CPU; under `torch.compile`, `torch.export` 
 TorchScript tracing and on other devices the layer is exactly ``F.prelu`` (inductor generates a
 fused kernel for it; exporters see the stock op).
 
-`Conv2d` keeps the grouped convolutions that oneDNN runs slowly in bf16 in fp32 under CPU autocast.
+`Conv2d` runs the grouped convolutions that oneDNN handles slowly in bf16 another way under CPU
+autocast: thin groups (2-7 channels, `mbf`'s stem) as wider groups with zero blocks
+(`regrouped_weight`), strided depthwise ones in fp32.
 """
 from __future__ import annotations
 
@@ -96,18 +98,43 @@ class PReLU(nn.PReLU):
         return F.prelu(x, self.weight)
 
 
+THIN_GROUP_WIDTH = 8  # input channels per group that oneDNN's bf16 kernels run well
+
+
+def regrouped_weight(weight: torch.Tensor, groups: int, channels_per_group: int) -> tuple[torch.Tensor, int]:
+    """``(weight, groups)`` of the same grouped convolution as fewer, wider groups of
+    ``channels_per_group`` input channels: each original group's filters on the block diagonal,
+    zeros elsewhere, so the outputs are identical. Differentiable: the gradient reaches only the
+    original entries (the zeros are built anew each call and never trained). Returned unchanged for
+    dense and depthwise convolutions, groups already that wide, and when no even merge exists."""
+    out_channels, in_per_group = weight.shape[:2]
+    merge = channels_per_group // in_per_group  # original groups per new group
+    if groups == 1 or in_per_group == 1 or merge < 2 or channels_per_group % in_per_group or groups % merge:
+        return weight, groups
+    # original group g = filter // out_per_group sits in block g % merge of new group g // merge
+    block = (torch.arange(out_channels, device=weight.device) // (out_channels // groups)) % merge
+    mask = (torch.arange(merge, device=weight.device) == block[:, None]).to(weight.dtype)
+    wide = weight.unsqueeze(1) * mask.view(out_channels, merge, *([1] * (weight.dim() - 1)))
+    return wide.reshape(out_channels, merge * in_per_group, *weight.shape[2:]), groups // merge
+
+
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs in fp32 under CPU bf16 autocast when it is a grouped convolution that
-    oneDNN handles badly in bf16: strided depthwise (its input gradient takes ~150 ms for a
-    64×128×56×56 map in bf16, 4-36 ms in fp32) and groups of more than one channel (`mbf`'s stem,
-    2 channels per group: bf16 weight gradient 2x slower than fp32). Dense and stride-1 depthwise
-    convolutions stay in bf16. Same parameters and state_dict as ``nn.Conv2d``; outside CPU autocast
-    it is exactly ``nn.Conv2d``. Measured in docs/performance.md.
+    """``nn.Conv2d`` that avoids oneDNN's slow bf16 kernels for some grouped convolutions under CPU
+    bf16 autocast: thin stride-1 groups (2-7 channels per group, `mbf`'s stem) run as groups of
+    `THIN_GROUP_WIDTH` with zero blocks (fwd+bwd of mbf's stem at batch 64: 126 ms, against 334 ms
+    in fp32 and 228 ms as thin bf16 groups), and strided depthwise ones in fp32 (their bf16 input
+    gradient takes ~150 ms for a 64×128×56×56 map, 4-36 ms in fp32). Dense and stride-1 depthwise
+    convolutions stay plain bf16. Same parameters and state_dict as ``nn.Conv2d``; outside CPU
+    autocast it is exactly ``nn.Conv2d``. Measured in docs/performance.md.
     """
 
     @property
+    def thin_groups(self) -> bool:
+        return self.groups > 1 and 1 < self.in_channels // self.groups < THIN_GROUP_WIDTH
+
+    @property
     def fp32_under_cpu_autocast(self) -> bool:
-        return self.groups > 1 and (max(self.stride) > 1 or self.in_channels // self.groups > 1)
+        return self.groups > 1 and (max(self.stride) > 1 or self.thin_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles only this branch
@@ -116,6 +143,10 @@ class Conv2d(nn.Conv2d):
             return _fx_leaf(self, x)
         if (x.device.type == "cpu" and self.fp32_under_cpu_autocast and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            if self.thin_groups and max(self.stride) == 1 and self.padding_mode == "zeros":
+                weight, groups = regrouped_weight(self.weight, self.groups, THIN_GROUP_WIDTH)
+                if groups != self.groups:
+                    return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, groups)
             with torch.autocast("cpu", enabled=False):
                 return self._conv_forward(x.float(), self.weight, self.bias)
         return self._conv_forward(x, self.weight, self.bias)
