@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marginface.deploy.compiled import DEFAULT_CHUNK, CompiledEmbedder, quantize_x86
+from marginface.deploy.compiled import DEFAULT_CHUNK, CompiledEmbedder, _missing_cpu_features, quantize_x86
 from marginface.deploy.load import trained_looking
 from marginface.errors import UserError
 from marginface.models import build_backbone
@@ -112,3 +112,11 @@ def test_a_model_that_cannot_be_exported_is_a_one_line_error():
     with pytest.raises(UserError, match="compiling the model for int8 inference failed: .+") as info:
         CompiledEmbedder(Branchy().eval(), "int8", batch_size=2)(torch.randn(2, 3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+def test_a_package_for_missing_cpu_features_is_refused_by_name(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 avx512f avx512bw\n")
+    assert _missing_cpu_features("AVX512 AVX512_VNNI", str(cpuinfo)) == ["AVX512_VNNI"]
+    assert _missing_cpu_features("AVX2", str(cpuinfo)) == []
+    assert _missing_cpu_features("AVX512 AMX_TILE", str(tmp_path / "absent")) == []  # unknown: no refusal

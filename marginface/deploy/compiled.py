@@ -93,6 +93,21 @@ def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.
     return quantized
 
 
+def _missing_cpu_features(isa: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The instruction sets a package was compiled for (AOTInductor's ``AOTI_CPU_ISA``, e.g.
+    "AVX512 AVX512_VNNI") that this CPU's flags lack; [] when unknown (no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return []
+    if flags is None:
+        return []
+    needed = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+              "AMX_TILE": "amx_tile", "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8", "AMX_FP16": "amx_fp16"}
+    return [name for name in isa.split() if name in needed and needed[name] not in flags]
+
+
 class CompiledEmbedder:
     """``embedder(x)`` for a normalised float ``N×3×H×W`` batch -> ``N×D`` float32, compiled by Inductor.
 
@@ -178,6 +193,10 @@ class CompiledEmbedder:
             except Exception as exc:  # a zip/ABI/ISA error: one line
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"{path}: not a loadable compiled package ({first})") from None
+        missing = _missing_cpu_features(runner.get_metadata().get("AOTI_CPU_ISA", ""))
+        if missing:  # running it would die on an illegal instruction, not raise
+            raise UserError(f"{path}: compiled for a CPU with {', '.join(missing)}, which this one lacks; "
+                            "export the package again on (a machine like) this one")
         if not isinstance(meta, dict) or meta.get("precision") not in PRECISIONS:
             raise UserError(f"{path}: a .pt2 package without marginface metadata (write it with "
                             "`marginface export --format aoti`)")
