@@ -223,10 +223,10 @@ def _torch_int8_fx(ctx: BenchContext) -> Runner:
 
 
 def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
-    """TorchInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
-    Inductor specialises on the batch size: an embedder for batch 1 (with the C++ wrapper, for
-    latency) or, for larger batches, one that runs them in its default chunks (16 images on the
-    CPU: faster per image than one big call). Only the latest one is kept and a change of kind
+    """AOTInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
+    Inductor specialises on the batch size: an embedder compiled for batch 1 (latency) or, for
+    larger batches, one that runs them in its default chunks (16 images on the CPU: faster per
+    image than one big call). Only the latest one is kept and a change of kind
     builds anew: an int8 embedder built earlier in the process runs ~2x slower once another has
     been quantised (see `marginface.deploy.compiled`)."""
     def build(ctx: BenchContext) -> Runner:

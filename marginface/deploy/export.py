@@ -281,15 +281,10 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
     """An ahead-of-time compiled package (``.pt2``, `deploy.compiled`): the fastest CPU path
     (x86 int8 / bf16), tied to this torch version and CPU; runs every call in batches of
     ``batch_size`` (1: lowest latency)."""
-    from marginface.deploy.compiled import PRECISIONS, CompiledEmbedder
-
-    if Path(out).suffix != ".pt2":
-        raise UserError(f"--out {out}: a compiled package must end in .pt2")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and not calib:
-        raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
     from marginface.data.transforms import to_tensor
+    from marginface.deploy.compiled import CompiledEmbedder
+
+    _check_compiled_args(out, precision, calib)
 
     if calib:
         from marginface.deploy.quantize import load_calibration_images
@@ -302,6 +297,17 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
     embedder(x[:batch_size])  # compiles (int8: calibrated on every calibration image)
     embedder.save(out)
     return {"precision": precision, "batch_size": batch_size}
+
+
+def _check_compiled_args(out: Union[str, Path], precision: str, calib) -> None:
+    from marginface.deploy.compiled import PRECISIONS
+
+    if Path(out).suffix != ".pt2":
+        raise UserError(f"--out {out}: a compiled package must end in .pt2")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and not calib:
+        raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
 
 
 FORMATS = ("onnx", "torchscript", "aoti")
@@ -323,6 +329,8 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if int8 and not calib:
         raise UserError("--int8 needs --calib DIR: a folder of aligned face crops for calibration")
+    if fmt == "aoti":
+        _check_compiled_args(out, precision, calib)  # before the (slow) model load
     model = load_source(source, backbone=backbone)
     hw = _input_hw(model)
     if fmt == "aoti":
