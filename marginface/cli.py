@@ -151,14 +151,24 @@ def _embedding_model(args) -> tuple:
     if isinstance(model, torch.nn.Module):
         model.to(device)
     info = _eval_model_info(model)
-    if args.precision == "int8" or args.compile:
+    if _compiled(args):
         from marginface.deploy.compiled import CompiledEmbedder
 
         return CompiledEmbedder(model, args.precision, device=device), device, None, info
     return model, device, (torch.bfloat16 if args.precision == "bf16" else None), info
 
 
-def _add_precision_option(parser) -> None:
+def _compiled(args) -> bool:
+    """Whether `_embedding_model` compiles (recorded in reports: it changes the numbers' rounding)."""
+    return args.compile or args.precision == "int8"
+
+
+def _add_embedding_options(parser) -> None:
+    """How eval, identify and embed run the model: the options `_embedding_model` reads."""
+    parser.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="bf16: autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs); int8: static "
                              "x86 int8 calibrated on the first batch, always compiled (needs torchao; CPU, PyTorch "
@@ -195,7 +205,7 @@ def cmd_eval(args) -> int:
     if out:
         report = rep.merge_eval(out, results, model_info=model_info, sources=sources)
         report["eval_precision"] = args.precision  # how these numbers were made
-        report["eval_compiled"] = args.compile or args.precision == "int8"
+        report["eval_compiled"] = _compiled(args)
         written = rep.write_report(out, report, curves, plots=not args.no_plots)
     if args.json:
         _print_json(rep.json_safe(results))
@@ -221,7 +231,7 @@ def cmd_identify(args) -> int:
         model, args.gallery, args.probes, args.distractors or [], flip=not args.no_flip,
         batch_size=args.batch_size, device=device, normalize=args.normalize, ranks=sorted({1, args.top}),
         fpir_targets=args.fpir, chunk_size=args.chunk_size, amp_dtype=amp_dtype, log=log)
-    result["precision"], result["compiled"] = args.precision, args.compile or args.precision == "int8"
+    result["precision"], result["compiled"] = args.precision, _compiled(args)
     written = ident.write_identification_report(args.out, result) if args.out else None
     if args.json:
         from marginface.evaluate.report import json_safe
@@ -252,7 +262,7 @@ def cmd_embed(args) -> int:
                                        amp_dtype=amp_dtype)
     written = ident.save_features(args.out, features, files)
     result = {**written, "images": len(files), "dim": int(features.shape[1]), "flip": not args.no_flip,
-              "precision": args.precision, "compiled": args.compile or args.precision == "int8"}
+              "precision": args.precision, "compiled": _compiled(args)}
     if args.json:
         _print_json(result)
     else:
@@ -265,14 +275,10 @@ def _add_embed_parser(sub) -> None:
                        description="Embed every image under --images (any depth, sorted) with the model; write the "
                                    "N x D float32 features to --out (.npy) and the image paths, one per row, to the "
                                    ".txt beside it. Use the same model, flip and precision as the identify run.")
-    m.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    m.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
     m.add_argument("--images", required=True, help="folder of images (any depth)")
     m.add_argument("--out", required=True, help="feature file to write (.npy)")
-    m.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
-    m.add_argument("--batch-size", type=int, default=128)
-    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    m.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
-    _add_precision_option(m)
+    _add_embedding_options(m)
     m.add_argument("--json", action="store_true", help="print the result as one JSON object")
     m.set_defaults(func=cmd_embed)
 
@@ -282,7 +288,7 @@ def _add_identify_parser(sub) -> None:
                        description="Enrol DIR/<identity>/*.jpg of --gallery (one template per identity), search "
                                    "every probe image among the templates and the distractors; report rank-r "
                                    "identification rates and open-set TPIR@FPIR. Protocol: docs/evaluation.md.")
-    i.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    i.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
     i.add_argument("--gallery", required=True, help="identity folders to enrol: DIR/<identity>/*.jpg")
     i.add_argument("--probes", required=True, help="identity folders to search; identities without a gallery "
                                                    "folder are non-mated (open-set) probes")
@@ -290,11 +296,7 @@ def _add_identify_parser(sub) -> None:
                    help="folders of images (any depth) or .npy N x D features from the same model and flip setting")
     i.add_argument("--top", type=int, default=5, help="report rank-1 and rank-TOP (default 5)")
     i.add_argument("--fpir", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3], help="FPIR targets for TPIR@FPIR")
-    i.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
-    i.add_argument("--batch-size", type=int, default=128)
-    i.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    _add_precision_option(i)
-    i.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
+    _add_embedding_options(i)
     i.add_argument("--chunk-size", type=int, default=65536, help="candidates scored per matmul (bounds memory)")
     i.add_argument("--out", help="directory for identification.json and identification.md")
     i.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -525,7 +527,7 @@ def cmd_gallery_search(args) -> int:
 
 
 def _add_model_options(p) -> None:
-    p.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    p.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
     p.add_argument("--normalize", choices=["arcface", "imagenet"],
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
     p.add_argument("--detector-weights", help="MTCNN weights directory (default: $MARGINFACE_DETECTOR_DIR or the cache)")
@@ -613,17 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate with and without the flip-sum embedding; --out (default: the run "
                                     "directory) gets report.json, report.md, roc.png and scores.png. "
                                     "Protocols: docs/evaluation.md.")
-    e.add_argument("--model", help="run directory, checkpoint (.pt), TorchScript or ONNX model")
+    e.add_argument("--model", help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
     e.add_argument("--sets", nargs="+", help=".bin files, LFW directories (with pairs.txt), pairs .txt/.csv, "
                                              "IJB-B/IJB-C directories (insightface layout)")
     e.add_argument("--out", help="directory for report.json/report.md/plots (default: --model when it is a run "
                                  "directory; its report.json keeps its training sections)")
     e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    e.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    _add_precision_option(e)
-    e.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
+    _add_embedding_options(e)
     e.add_argument("--no-detector-score", action="store_true",
                    help="IJB: do not weight image features by the detector score")
     e.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
