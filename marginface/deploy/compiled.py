@@ -24,6 +24,7 @@ newest one is unaffected). Build one int8 embedder per process and reuse it, as 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from typing import Optional, Union
 import torch
 
 from marginface.errors import UserError
+from marginface.hardware import has_int8_dot_product, int8_weight_range, missing_features
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PACKAGE_METADATA = "marginface"  # key of our JSON in a .pt2 package's metadata
@@ -72,13 +74,20 @@ def _import_torchao():
     return prepare_pt2e, convert_pt2e, move_exported_model_to_eval, x86
 
 
-def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor,
+                 weight_range: Optional[tuple[int, int]] = None) -> torch.nn.Module:
     """Static int8 (PT2E, X86InductorQuantizer defaults) of an eval-mode model, calibrated on the
     normalised ``N×3×H×W`` float ``calibration`` batch. The result runs (slowly) as it is and is
-    meant for ``torch.compile`` with freezing, which lowers it to oneDNN int8 kernels."""
+    meant for ``torch.compile`` with freezing, which lowers it to oneDNN int8 kernels.
+
+    ``weight_range``: the symmetric int8 weight range, by default the one this CPU's oneDNN
+    computes without saturating (`marginface.hardware.int8_weight_range`: 7 bits without VNNI)."""
     prepare_pt2e, convert_pt2e, to_eval, x86 = _import_torchao()
+    low, high = weight_range or int8_weight_range()
+    config = x86.get_default_x86_inductor_quantization_config()
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=low, quant_max=high))
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(config)
     batch = torch.export.Dim("batch", min=1, max=65536)
     # export specialises a batch-1 example to 1; two copies keep the batch axis dynamic
     example = calibration if len(calibration) > 1 else calibration.repeat(2, 1, 1, 1)
@@ -91,21 +100,6 @@ def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.
         quantized = convert_pt2e(prepared)
     to_eval(quantized)
     return quantized
-
-
-def _missing_cpu_features(isa: str, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """The instruction sets a package was compiled for (AOTInductor's ``AOTI_CPU_ISA``, e.g.
-    "AVX512 AVX512_VNNI") that this CPU's flags lack; [] when unknown (no /proc/cpuinfo)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return []
-    if flags is None:
-        return []
-    needed = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
-              "AMX_TILE": "amx_tile", "AMX_BF16": "amx_bf16", "AMX_INT8": "amx_int8", "AMX_FP16": "amx_fp16"}
-    return [name for name in isa.split() if name in needed and needed[name] not in flags]
 
 
 class CompiledEmbedder:
@@ -142,7 +136,8 @@ class CompiledEmbedder:
     def _build(self, first: torch.Tensor) -> None:
         if self.precision == "int8":
             calibration = self._calibration if self._calibration is not None else first
-            net = quantize_x86(self._source, calibration.float().cpu())
+            self._weight_range = int8_weight_range()
+            net = quantize_x86(self._source, calibration.float().cpu(), self._weight_range)
         else:
             net = _inference_copy(self._source).to(self.device)
             if self.precision == "bf16":
@@ -167,8 +162,11 @@ class CompiledEmbedder:
     def _metadata(self) -> dict:
         """What `load` needs to run a saved package as this embedder ran it."""
         meta = {name: getattr(self, name, None) for name in _COPIED_ATTRIBUTES if name != "model_path"}
-        return {**meta, "precision": self.precision, "batch_size": self.batch_size, "device": self.device.type,
+        meta = {**meta, "precision": self.precision, "batch_size": self.batch_size, "device": self.device.type,
                 "image_shape": list(self._image_shape), "torch": torch.__version__}
+        if self.precision == "int8":
+            meta["int8_weight_range"] = list(self._weight_range)
+        return meta
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the compiled package (``.pt2``; atomically): `load` runs it with no recompiling,
@@ -193,13 +191,18 @@ class CompiledEmbedder:
             except Exception as exc:  # a zip/ABI/ISA error: one line
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"{path}: not a loadable compiled package ({first})") from None
-        missing = _missing_cpu_features(runner.get_metadata().get("AOTI_CPU_ISA", ""))
+        missing = missing_features(runner.get_metadata().get("AOTI_CPU_ISA", ""))
         if missing:  # running it would die on an illegal instruction, not raise
             raise UserError(f"{path}: compiled for a CPU with {', '.join(missing)}, which this one lacks; "
                             "export the package again on (a machine like) this one")
         if not isinstance(meta, dict) or meta.get("precision") not in PRECISIONS:
             raise UserError(f"{path}: a .pt2 package without marginface metadata (write it with "
                             "`marginface export --format aoti`)")
+        weights = tuple(meta.get("int8_weight_range") or (-128, 127))  # packages before the field: 8 bits
+        if meta["precision"] == "int8" and weights[1] > 63 and not has_int8_dot_product():
+            raise UserError(f"{path}: an int8 package with 8-bit weights, which this CPU's int8 kernels (no "
+                            "VNNI) would saturate into wrong embeddings; export it again on this machine "
+                            "(it then uses 7-bit weights)")
         embedder = cls.__new__(cls)
         for name in _COPIED_ATTRIBUTES:
             if name in meta:
