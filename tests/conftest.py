@@ -1,4 +1,6 @@
 """Suite-wide settings."""
+import os
+
 import pytest
 import torch
 

@@ -1,6 +1,8 @@
 """Distributed training end to end with torchrun on 2 gloo ranks (CPU): DDP + Partial FC equal a
 single-process full-FC run, SIGTERM on one rank stops both and the run resumes exactly, a 2-rank
 checkpoint resumes on 1 process (re-shard), and the sharded checkpoint layout."""
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -22,17 +24,23 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchr
 CLASSES = 40
 STEPS = 8
 # The tiny synthetic run of tests/test_train.py, without flips (their draw depends on the global batch
-# layout), with a small learning rate and few steps: this 0.1M-parameter net with BatchNorm over 8
-# images is chaotic (in ONE process a 1e-7 perturbation of the weights moves the loss by 1e-3
-# within three steps at lr 0.01, by 0.1 at lr 0.1), so only a short horizon shows the
-# float-rounding-level agreement we check (8 steps: weights within 3e-5). Global batch 32 per step:
+# layout), in fp32 (no autocast), for few steps. Global batch 32 per step:
 #   2 ranks x batch 8 x grad_accum 2   ==   1 process x batch 8 x grad_accum 4
 # (same images in the same order, and BatchNorm sees the same 8 images in every forward).
+# The two runs sum the same gradients in another order, so they agree to float rounding, and the
+# comparison is only as strict as the training dynamics let rounding stay small. At ArcFace's s=64
+# and lr 0.01 this 0.1M-parameter net with BatchNorm over 8 images is chaotic: the same single-process
+# run under oneDNN's AVX2 and SSE4.1 kernels (ONEDNN_MAX_CPU_ISA) drifted by 1.2e-4 in the weights
+# and 0.017 in the loss within 8 steps (1% of the update), and an AMX Xeon's kernels failed the old
+# 2e-4 bound. At s=16 and lr 0.001 the same AVX2-vs-SSE4.1 pair stays within 1.2e-7 (weights) and
+# 2.4e-6 (loss), 5e-5 of the update: the bounds below leave ~100x for other CPUs' kernels, while a
+# wrong gradient scale or a lost shard moves the weights by a sizeable fraction of the update.
 BASE = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=64",
         f"data.synthetic.identities={CLASSES}", "data.synthetic.images_per_identity=8", "data.val=[]",
         "data.flip=false", "train.batch_size=8", "train.amp=none", "train.deterministic=true",
-        "train.log_every=1", "train.checkpoint_every=1000", f"train.max_steps={STEPS}", "optim.lr=0.01",
-        "schedule.warmup_steps=2"]
+        "train.log_every=1", "train.checkpoint_every=1000", f"train.max_steps={STEPS}", "optim.lr=0.001",
+        "head.params={s: 16, m: 0.3}", "schedule.warmup_steps=2"]
+ATOL, LOSS_ATOL, REL_L2 = 1e-5, 1e-4, 1e-3  # rounding-level agreement of two fp32 runs (see above)
 DIST = BASE + ["train.grad_accum=2"]
 SINGLE = BASE + ["train.grad_accum=4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,7 +90,9 @@ def worker_pids(proc: subprocess.Popen) -> dict:
     return found
 
 
-def assert_same_run(a: Path, b: Path, atol: float, loss_atol: float) -> None:
+def assert_same_run(a: Path, b: Path, atol: float, loss_atol: float, init: dict | None = None) -> None:
+    """Two runs' last checkpoints and losses agree: every weight within ``atol``, and (given the
+    ``init``ial weights) the L2 distance of all weights below REL_L2 of how far training moved them."""
     ca, cb = load_checkpoint(a / "checkpoints" / "last.pt"), load_checkpoint(b / "checkpoints" / "last.pt")
     assert ca["step"] == cb["step"] == STEPS
     pa, pb = params_of(ca), params_of(cb)
@@ -93,10 +103,15 @@ def assert_same_run(a: Path, b: Path, atol: float, loss_atol: float) -> None:
     wb, mb = head_weight(b)
     torch.testing.assert_close(wa, wb, rtol=0, atol=atol)
     torch.testing.assert_close(ma, mb, rtol=0, atol=atol * 10)
+    if init is not None:
+        init = params_of({"model": init})
+        apart = sum(((pa[k] - pb[k]).double() ** 2).sum() for k in pa) ** 0.5
+        moved = sum(((pa[k] - init[k]).double() ** 2).sum() for k in pa) ** 0.5
+        assert moved > 1e-3 and apart / moved < REL_L2, (apart.item(), moved.item())
     la, lb = train_losses(a), train_losses(b)
     assert len(la) == len(lb) == STEPS
     for step, (x, y) in enumerate(zip(la, lb), 1):
-        assert abs(x - y) <= loss_atol * max(1.0, step / 4), (step, x, y)
+        assert abs(x - y) <= loss_atol, (step, x, y)
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +138,16 @@ def runs(tmp_path_factory):
     assert sent, "the run ended before it could be signalled:\n" + stop_out[-3000:]
     shutil.copytree(root / "stopped", root / "stopped_copy")
 
-    Trainer(load_config(None, SINGLE), root / "single", console=False).fit()
-    return {"root": root, "stop_code": code, "stop_out": stop_out}
+    single = Trainer(load_config(None, SINGLE), root / "single", console=False)
+    init = {k: v.detach().clone() for k, v in single.backbone.state_dict().items()}
+    single.fit()
+    return {"root": root, "stop_code": code, "stop_out": stop_out, "init": init}
 
 
 def test_two_ranks_equal_one_process_full_fc(runs):
     """DDP + Partial FC (sample_rate 1.0, grad_accum 2 with no_sync) on 2 ranks == full FC in one process."""
     root = runs["root"]
-    assert_same_run(root / "dist", root / "single", atol=2e-4, loss_atol=2e-3)
-    # the very first steps agree to float rounding
-    assert [round(x, 4) for x in train_losses(root / "dist")[:3]] == [round(x, 4) for x in train_losses(root / "single")[:3]]
+    assert_same_run(root / "dist", root / "single", atol=ATOL, loss_atol=LOSS_ATOL, init=runs["init"])
 
 
 def test_sigterm_on_one_rank_stops_both_and_resumes_exactly(runs):
@@ -165,7 +180,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs):
     trainer = Trainer(cfg, run, resume=True, console=False)
     trainer.fit()
     assert trainer.step == STEPS and not trainer.sharded_head
-    assert_same_run(run, root / "single", atol=2e-4, loss_atol=2e-3)
+    assert_same_run(run, root / "single", atol=ATOL, loss_atol=LOSS_ATOL, init=runs["init"])
 
 
 def test_one_process_partial_fc_resumes_exactly(tmp_path):
