@@ -299,6 +299,23 @@ def enroll(embedder, folder: Union[str, Path], *, progress=None, min_images: int
                      "empty_identities": empty}
 
 
+def check_enroll_target(db: Union[str, Path], folder: Union[str, Path, None] = None) -> None:
+    """UserError for a gallery file one cannot enroll into (checked before any model loads):
+    a legacy ``.npz``, another suffix, a file that is not our SQLite gallery, or a bad ``folder``."""
+    from marginface.deploy.gallery_store import GalleryStore, is_sqlite_path
+
+    db = Path(db)
+    if db.suffix.lower() == ".npz":
+        raise UserError(f"{db}: .npz galleries are read-only (legacy); enroll into a .sqlite gallery "
+                        f"(`marginface gallery convert {db} {db.with_suffix('.sqlite')}` keeps its identities)")
+    if not is_sqlite_path(db):
+        raise UserError(f"{db}: gallery files end in .sqlite or .db")
+    if folder is not None:
+        _identity_dirs(Path(folder))  # bad folders fail before the gallery file is created
+    if db.is_file() and db.stat().st_size > 0:
+        GalleryStore(db).close()  # not SQLite / another format version: refused now
+
+
 def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, replace: bool = False,
                  skip_no_face: bool = False, progress=None) -> dict:
     """Add ``folder/<identity>/*`` to the SQLite gallery ``db`` (created when missing) in one transaction.
@@ -307,15 +324,10 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
     and add nothing; ``replace=True`` replaces every row of the identities in ``folder``. The
     embedder must be the gallery's model (checked before anything is embedded).
     """
-    from marginface.deploy.gallery_store import GalleryStore, is_sqlite_path
+    from marginface.deploy.gallery_store import GalleryStore
 
     db, folder = Path(db), Path(folder)
-    if db.suffix.lower() == ".npz":
-        raise UserError(f"{db}: .npz galleries are read-only (legacy); enroll into a .sqlite gallery "
-                        f"(`marginface gallery convert {db} {db.with_suffix('.sqlite')}` keeps its identities)")
-    if not is_sqlite_path(db):
-        raise UserError(f"{db}: gallery files end in .sqlite or .db")
-    _identity_dirs(folder)  # bad folders fail before the gallery file is created
+    check_enroll_target(db, folder)
     fingerprint, probe = embedder.fingerprint()
     with GalleryStore(db, create=True) as store:
         store.check_model(fingerprint, probe)

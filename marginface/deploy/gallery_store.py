@@ -342,7 +342,7 @@ class GalleryStore:
                 updates.append((_unit_template(vecs, cnts).tobytes(), int(cnts.sum()), now, ids[name]))
             c.executemany("UPDATE identities SET template = ?, images = ?, updated = ? WHERE id = ?", updates)
             generation = self._bump(c)
-        return {"added": int(added), "already_enrolled": int(sum(len(r) for r in order.values()) - added),
+        return {"added": int(added), "already_enrolled": int(n - added),  # repeats within this call included
                 "identities": list(order), "generation": generation}
 
     def _identity_ids(self, names: list[str]) -> dict[str, int]:
