@@ -42,6 +42,7 @@ FORMAT_VERSION = 1
 SQLITE_SUFFIXES = (".sqlite", ".db")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 60_000
+PAGE_SIZE = 16384
 _PARAMS_PER_QUERY = 500
 
 _SCHEMA = """
@@ -113,6 +114,8 @@ class GalleryStore:
             self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                                         check_same_thread=False)
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if not exists:  # 16 KiB pages hold seven 512-d rows (4 KiB pages hold one 2 KiB row each)
+                self.conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             self._set_wal(busy_timeout_ms)
             self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash never corrupts; commits survive a process kill
             self.conn.execute("PRAGMA foreign_keys = ON")
@@ -333,12 +336,20 @@ class GalleryStore:
                 _after_rows_hook()
             fresh = set(new_names) if not replace else set(order)  # identities whose rows are all in this call
             updates = []
-            for name, rows in order.items():
+            fresh_names = [name for name in order if name in fresh]
+            if fresh_names:  # every row is in this call: the templates in one vectorised pass
+                rows = np.concatenate([order[name] for name in fresh_names])
+                starts = np.cumsum([0] + [len(order[name]) for name in fresh_names[:-1]])
+                sums = np.add.reduceat(emb[rows].astype(np.float64) * counts_arr[rows, None], starts, axis=0)
+                norms = np.linalg.norm(sums, axis=1, keepdims=True)
+                templates = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+                images = np.add.reduceat(counts_arr[rows], starts)
+                updates += [(templates[j].tobytes(), int(images[j]), now, ids[name]) for j, name in enumerate(fresh_names)]
+            for name, rows in order.items():  # identities with earlier rows: recomputed from all their rows
                 if name in fresh:
-                    vecs, cnts = emb[rows], counts_arr[rows]
-                else:
-                    got = c.execute("SELECT embedding, count FROM images WHERE identity_id = ?", (ids[name],)).fetchall()
-                    vecs, cnts = _blob_rows([r[0] for r in got], dim), np.array([r[1] for r in got], np.int64)
+                    continue
+                got = c.execute("SELECT embedding, count FROM images WHERE identity_id = ?", (ids[name],)).fetchall()
+                vecs, cnts = _blob_rows([r[0] for r in got], dim), np.array([r[1] for r in got], np.int64)
                 updates.append((_unit_template(vecs, cnts).tobytes(), int(cnts.sum()), now, ids[name]))
             c.executemany("UPDATE identities SET template = ?, images = ?, updated = ? WHERE id = ?", updates)
             generation = self._bump(c)
@@ -391,15 +402,15 @@ class GalleryStore:
         """The whole gallery as an in-memory `Gallery` (templates) from one committed state."""
         with self._read():
             m = self.meta()
-            names, vecs, counts = [], [], []
+            total, dim = len(self), m["dim"] or 0
+            names: list[str] = []
+            vecs = np.empty((total, dim), np.float32)  # filled in place: no second copy of a large gallery
+            counts = np.empty(total, np.int64)
             for n, v, k in self.iter_templates(chunk_size):
+                vecs[len(names) : len(names) + len(n)] = v
+                counts[len(names) : len(names) + len(n)] = k
                 names += n
-                vecs.append(v)
-                counts.append(k)
-        dim = m["dim"] or 0
-        g = Gallery(np.array(names, dtype=str), np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32),
-                    np.concatenate(counts) if counts else np.zeros(0, np.int64), m["model_fingerprint"],
-                    m["model_probe"], m["model_name"])
+        g = Gallery(np.array(names, dtype=str), vecs, counts, m["model_fingerprint"], m["model_probe"], m["model_name"])
         g.generation = m["generation"]
         return g
 
