@@ -413,6 +413,10 @@ def test_cli_enroll_adds_lists_removes(tmp_path, capsys, monkeypatch):
         lines = err.strip().splitlines()
         assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
         assert match in lines[0], (match, lines[0])
+    people(tmp_path / "faceless", {"dan": []})
+    (tmp_path / "faceless" / "dan" / "1.jpg").write_bytes(b"noface")
+    code, _, err = cli(capsys, "gallery", "enroll", tmp_path / "faceless", "--db", tmp_path / "new.sqlite", *model)
+    assert code == 2 and "1.jpg: no face found" in err and not (tmp_path / "new.sqlite").exists()
     (tmp_path / "junk.db").write_text("hello, not sqlite")
     code, _, err = cli(capsys, "gallery", "enroll", a, "--db", tmp_path / "junk.db", *model)
     assert code == 2 and "junk.db: not an SQLite database" in err

@@ -329,38 +329,44 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
     db, folder = Path(db), Path(folder)
     check_enroll_target(db, folder)
     fingerprint, probe = embedder.fingerprint()
-    with GalleryStore(db, create=True) as store:
-        store.check_model(fingerprint, probe)
-        enrolled: set = set()
+    skip, existing = None, None
+    if db.is_file() and db.stat().st_size > 0:  # an existing gallery: same model, and what it already holds
+        existing = GalleryStore(db)
+        existing.check_model(fingerprint, probe)
         if not replace:
-            for row in store.conn.execute("SELECT d.name, i.sha256 FROM images i JOIN identities d ON d.id = i.identity_id"):
-                enrolled.add((row[0], row[1]))
-        names, vectors, sources, hashes = [], [], [], []
-        skipped: list[dict] = []
-        empty: list[str] = []
-        already = 0
-        for item in embed_identities(embedder, folder, skip_no_face=skip_no_face, progress=progress,
-                                     skip=(lambda n, h: (n, h) in enrolled) if enrolled else None):
-            skipped += item["skipped"]
-            already += item["already"]
-            if not item["files"]:
-                if not item["already"]:
-                    empty.append(item["name"])
-                continue
-            names += [item["name"]] * len(item["files"])
-            vectors.append(item["embeddings"])
-            sources += [str(f) for f in item["files"]]
-            hashes += item["sha256"]
-        identities = sorted(set(names))
+            hashes_of: dict[str, set] = {}
+
+            def skip(name: str, digest: str) -> bool:
+                if name not in hashes_of:
+                    hashes_of[name] = set(existing.rows(name)["sha256"])
+                return digest in hashes_of[name]
+    names, vectors, sources, hashes = [], [], [], []
+    skipped: list[dict] = []
+    empty: list[str] = []
+    already = 0
+    for item in embed_identities(embedder, folder, skip_no_face=skip_no_face, progress=progress, skip=skip):
+        skipped += item["skipped"]
+        already += item["already"]
+        if not item["files"]:
+            if not item["already"]:
+                empty.append(item["name"])
+            continue
+        names += [item["name"]] * len(item["files"])
+        vectors.append(item["embeddings"])
+        sources += [str(f) for f in item["files"]]
+        hashes += item["sha256"]
+    if existing is not None:
+        existing.close()
+    if not names and not already:
+        raise UserError(f"{folder}: no identity with a usable face image")
+    identities = sorted(set(names))
+    with GalleryStore(db, create=True) as store:  # created only now: a failed enrolment leaves no empty file
+        added = 0
         if names:
             result = store.add(names, np.concatenate(vectors), sources=sources, sha256=hashes,
                                fingerprint=fingerprint, probe=probe, model_name=_model_name(embedder),
                                replace=replace)
             added, already = result["added"], already + result["already_enrolled"]
-        elif already:
-            added = 0
-        else:
-            raise UserError(f"{folder}: no identity with a usable face image")
         return {"identities": len(identities), "images": len(names), "added": added, "already_enrolled": already,
                 "replace": replace, "skipped": skipped, "empty_identities": empty, "db": str(db),
                 "dim": store.dim, "model_fingerprint": store.model_fingerprint, "gallery_identities": len(store)}
