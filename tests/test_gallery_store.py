@@ -156,6 +156,10 @@ def test_bad_files_and_values(tmp_path):
     other.close()
     with pytest.raises(UserError, match="not a marginface gallery"):
         GalleryStore(tmp_path / "other.db")
+    with pytest.raises(UserError, match="not a marginface gallery"):
+        GalleryStore(tmp_path / "other.db", create=True)  # enrolling into it: refused, and it is left alone
+    with sqlite3.connect(tmp_path / "other.db") as other:
+        assert [r[0] for r in other.execute("SELECT name FROM sqlite_master")] == ["t"]
     with GalleryStore(tmp_path / "v.sqlite", create=True) as s:
         s.add(["a"], [vec(1)])
         s.conn.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (FORMAT_VERSION + 1,))

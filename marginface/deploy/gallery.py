@@ -1,10 +1,15 @@
-"""A face gallery: one unit embedding per enrolled identity, saved as ``.npz``, searched by cosine.
+"""Face galleries: enrolment from identity folders, exact cosine search, and the legacy ``.npz`` file.
 
-Enrolment (``enroll``) takes a folder of identity folders (``DIR/<name>/*.jpg``), embeds the
-largest face of each image, and stores per identity the mean of the L2-normalised embeddings,
-renormalised (the usual template). The file holds ``names``, ``embeddings`` (K×D float32),
-``counts`` (images used), ``model_fingerprint`` + ``model_probe`` (to refuse a search with a
-different model) and ``format``; it is written atomically and read without pickle.
+The gallery file is chosen by suffix (`open_gallery`): ``.sqlite`` / ``.db`` is the SQLite store
+(`marginface.deploy.gallery_store.GalleryStore`: one row per enrolled image, safe for several
+processes, `enroll_store` adds to it); ``.npz`` is the legacy format, read for search (and by
+`gallery_store.convert_npz`) but never enrolled into, because it is rewritten whole.
+
+`Gallery` is the in-memory form either file loads into (``Gallery.load``: an ``.npz``, or a
+snapshot of an SQLite gallery's templates): ``names``, ``embeddings`` (K×D float32 unit
+templates: per identity the mean of the L2-normalised image embeddings, renormalised), ``counts``,
+``model_fingerprint`` + ``model_probe`` (to refuse a search with a different model). The ``.npz``
+is written atomically and read without pickle.
 
 Search is exact cosine similarity in numpy, chunked (``chunk_size`` rows at a time, so a
 million-entry gallery never needs a K×Q similarity matrix in memory) with a per-chunk

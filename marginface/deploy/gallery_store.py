@@ -122,6 +122,9 @@ class GalleryStore:
             if create:
                 self._create_schema()
             self._check_format()
+        except UserError:
+            self.close()
+            raise
         except sqlite3.DatabaseError as exc:
             self.close()
             raise UserError(f"{self.path}: not a readable gallery ({exc})") from None
@@ -143,6 +146,9 @@ class GalleryStore:
 
     def _create_schema(self) -> None:
         with self._write():
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:  # someone else's database: leave it alone
+                raise UserError(f"{self.path}: an SQLite database but not a marginface gallery (no meta table)")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)
