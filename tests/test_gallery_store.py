@@ -141,6 +141,23 @@ def test_faiss_index_is_rebuilt_when_the_table_changes(tmp_path, monkeypatch):
         assert names == s.search(vec(1), 2, index="exact")[0]
 
 
+def test_memory_index_follows_the_generation(tmp_path):
+    db = tmp_path / "g.sqlite"
+    with GalleryStore(db, create=True) as s, GalleryStore(db) as writer:
+        writer.add(["a", "b"], [vec(1), vec(2)])
+        assert s.matches(vec(2), 1, index="memory")[0]["identity"] == "b"
+        cached = s._memory
+        assert s.matches(vec(1), 2, index="memory") == s.matches(vec(1), 2, index="exact")
+        assert s._memory is cached  # unchanged table: reused
+        writer.add(["c", "c"], [vec(3), vec(4)])
+        best = s.matches(vec(3), 1, index="memory")[0]
+        assert (best["identity"], best["images"]) == ("c", 2) and s._memory is not cached
+        writer.remove(["c"])
+        assert sorted(m["identity"] for m in s.matches(vec(3), 5, index="memory")) == ["a", "b"]
+        with pytest.raises(UserError, match="index must be"):
+            s.search(vec(1), index="annoy")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_files_and_values(tmp_path):
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database at all, just some bytes")

@@ -110,6 +110,7 @@ class GalleryStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._faiss_index = None
         self._faiss_generation = None
+        self._memory: Optional[Gallery] = None
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                                         check_same_thread=False)
@@ -187,10 +188,16 @@ class GalleryStore:
             self.conn, self.begin = conn, begin
 
         def __enter__(self):
-            self.conn.execute(self.begin)
+            self.nested = self.conn.in_transaction
+            if self.nested and self.begin != "BEGIN":
+                raise RuntimeError("a gallery write cannot start inside another transaction")
+            if not self.nested:  # a read inside a read: part of the outer snapshot
+                self.conn.execute(self.begin)
             return self.conn
 
         def __exit__(self, exc_type, exc, tb):
+            if self.nested:
+                return False
             if exc_type is None:
                 self.conn.execute("COMMIT")
             elif self.conn.in_transaction:
@@ -424,8 +431,8 @@ class GalleryStore:
     def search(self, queries: np.ndarray, top_k: int = 5, *, chunk_size: int = 65536, index: str = "auto"
                ) -> tuple[list[list[str]], np.ndarray, list[list[int]]]:
         """``(names Q×k, similarities Q×k, images Q×k)`` best first, from one committed state."""
-        if index not in ("auto", "exact", "faiss"):
-            raise UserError(f"index must be auto, exact or faiss, got {index!r}")
+        if index not in ("auto", "exact", "faiss", "memory"):
+            raise UserError(f"index must be auto, exact, faiss or memory, got {index!r}")
         with self._read():
             m = self.meta()
             total = len(self)
@@ -441,6 +448,12 @@ class GalleryStore:
             k = max(1, min(int(top_k), total))
             if index == "faiss" or (index == "auto" and total >= FAISS_AUTO_MIN and _faiss() is not None):
                 return self._search_faiss(q, k, m["generation"], chunk_size)
+            if index == "memory":
+                if self._memory is None or self._memory.generation != m["generation"]:  # stale: reload
+                    self._memory = None
+                    self._memory = self.snapshot(chunk_size)  # nested in this read transaction: same commit
+                idx, sims = top_k_cosine(self._memory.embeddings, q, k, chunk_size=chunk_size)
+                return self._memory.names[idx].tolist(), sims, self._memory.counts[idx].tolist()
             best_names = np.zeros((len(q), 0), object)
             best_sim = np.zeros((len(q), 0), np.float32)
             best_img = np.zeros((len(q), 0), np.int64)
