@@ -240,15 +240,28 @@ with GalleryStore(db, create=True) as s:
 """
 
 
-def _run(code: str, *args) -> subprocess.Popen:
+@pytest.fixture
+def spawned():
+    """Children started by `_run`; any still alive when the test ends (e.g. it failed) are killed."""
+    procs: list = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _run(code: str, *args, into: list) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    into.append(p)
+    return p
 
 
-def test_concurrent_writers_and_readers_lose_nothing(tmp_path):
+def test_concurrent_writers_and_readers_lose_nothing(tmp_path, spawned):
     db, workers, enrolls, rows = tmp_path / "g.sqlite", 4, 25, 3
-    procs = [_run(WRITER, db, w, enrolls, rows) for w in range(workers)]
+    procs = [_run(WRITER, db, w, enrolls, rows, into=spawned) for w in range(workers)]
     seen_sizes = []
     while any(p.poll() is None for p in procs):  # search while they write
         if not db.exists():
@@ -316,10 +329,10 @@ def _check_after_kill(db: Path, rows: int) -> int:
         return len(names)
 
 
-def test_sigkill_mid_enroll_leaves_the_last_commit(tmp_path):
+def test_sigkill_mid_enroll_leaves_the_last_commit(tmp_path, spawned):
     db, rows = tmp_path / "g.sqlite", 40
     # 1) killed while parked inside the write transaction (rows written, template not yet)
-    p = _run(CRASHER, db, rows, 5)
+    p = _run(CRASHER, db, rows, 5, into=spawned)
     deadline = time.monotonic() + 60
     while not Path(f"{db}.inside").exists():
         assert p.poll() is None, p.communicate()[1]
@@ -333,7 +346,7 @@ def test_sigkill_mid_enroll_leaves_the_last_commit(tmp_path):
     # 2) killed at arbitrary moments of a write loop
     before = 5
     for delay in (0.15, 0.4, 0.7):
-        p = _run(CRASHER, db, rows, -1)
+        p = _run(CRASHER, db, rows, -1, into=spawned)
         assert p.stdout.readline().strip() == "running", p.communicate()[1]
         time.sleep(delay)
         os.kill(p.pid, signal.SIGKILL)
