@@ -496,25 +496,26 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gallery_enroll(args) -> int:
-    from marginface.deploy.gallery import enroll
+    from marginface.deploy.gallery import check_enroll_target, enroll_store
 
+    check_enroll_target(args.db, args.dir)  # before the model loads
     fe = _face_embedder(args)
-    gallery, report = enroll(fe, args.dir, skip_no_face=args.skip_no_face)
-    gallery.save(args.db)
-    report.update(db=str(args.db), dim=gallery.dim, model_fingerprint=gallery.model_fingerprint)
+    report = enroll_store(fe, args.dir, args.db, replace=args.replace, skip_no_face=args.skip_no_face)
     if args.json:
         _print_json(report)
     else:
-        print(f"enrolled {report['identities']} identities from {report['images']} images into {args.db}")
+        print(f"enrolled {report['identities']} identities ({report['added']} new images, "
+              f"{report['already_enrolled']} already enrolled{', replaced' if args.replace else ''}) into "
+              f"{args.db}; it holds {report['gallery_identities']} identities")
         for item in report["skipped"]:
             print(f"  skipped {item['file']}: {item['reason']}")
     return 0
 
 
 def cmd_gallery_search(args) -> int:
-    from marginface.deploy.gallery import Gallery
+    from marginface.deploy.gallery import open_gallery
 
-    gallery = Gallery.load(args.db)
+    gallery = open_gallery(args.db)
     fe = _face_embedder(args)
     gallery.check_model(*fe.fingerprint(), where=str(args.db))
     matches = gallery.matches(fe.embed(args.image), args.top, index=args.index)
@@ -523,6 +524,49 @@ def cmd_gallery_search(args) -> int:
     else:
         for rank, m in enumerate(matches, 1):
             print(f"{rank:2d}. {m['identity']:30s} {m['similarity']:+.4f}")
+    return 0
+
+
+def cmd_gallery_list(args) -> int:
+    from marginface.deploy.gallery import open_gallery
+
+    gallery = open_gallery(args.db)
+    rows = gallery.list()
+    if args.json:
+        _print_json({"db": str(args.db), "identities": len(rows), "images": sum(r["images"] for r in rows),
+                     "entries": rows})
+    else:
+        for r in rows:
+            print(f"{r['identity']:30s} {r['images']:6d}")
+        print(f"{len(rows)} identities, {sum(r['images'] for r in rows)} images in {args.db}")
+    return 0
+
+
+def cmd_gallery_remove(args) -> int:
+    from marginface.deploy.gallery_store import GalleryStore
+
+    if Path(args.db).suffix.lower() == ".npz":
+        raise UserError(f"{args.db}: .npz galleries are read-only (legacy); convert it with "
+                        f"`marginface gallery convert {args.db} {Path(args.db).with_suffix('.sqlite')}`")
+    with GalleryStore(args.db) as store:
+        report = store.remove(args.names)
+        report.update(db=str(args.db), gallery_identities=len(store))
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"removed {', '.join(report['removed'])} ({report['image_rows']} image rows) from {args.db}; "
+              f"it holds {report['gallery_identities']} identities")
+    return 0
+
+
+def cmd_gallery_convert(args) -> int:
+    from marginface.deploy.gallery_store import convert_npz
+
+    report = convert_npz(args.src, args.dst)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"converted {report['identities']} identities ({report['images']} images) from {args.src} to {args.dst}")
     return 0
 
 
@@ -583,19 +627,36 @@ def _add_deploy_parsers(sub) -> None:
 
     g = sub.add_parser("gallery", help="enrol identities and search faces (1:N)")
     gsub = g.add_subparsers(dest="gallery_command", parser_class=_Parser, required=True)
-    en = gsub.add_parser("enroll", help="enrol DIR/<identity>/*.jpg into a gallery file")
+    en = gsub.add_parser("enroll", help="add DIR/<identity>/*.jpg to a gallery (.sqlite/.db; created when missing)")
     en.add_argument("dir")
-    en.add_argument("--db", required=True, help="gallery file (.npz, written atomically)")
+    en.add_argument("--db", required=True, help="gallery file: .sqlite or .db (SQLite, safe to share between "
+                                                "processes); .npz galleries are read-only, see `gallery convert`")
+    en.add_argument("--replace", action="store_true",
+                    help="replace the enrolled images of the identities in DIR (default: add to them)")
     en.add_argument("--skip-no-face", action="store_true", help="skip images without a face instead of failing")
     _add_model_options(en)
     en.set_defaults(func=cmd_gallery_enroll)
     se = gsub.add_parser("search", help="the closest enrolled identities of the largest face in IMAGE")
     se.add_argument("image")
-    se.add_argument("--db", required=True)
+    se.add_argument("--db", required=True, help="gallery file (.sqlite, .db, or a legacy .npz)")
     se.add_argument("--top", type=int, default=5)
     se.add_argument("--index", choices=["auto", "exact", "faiss"], default="auto")
     _add_model_options(se)
     se.set_defaults(func=cmd_gallery_search)
+    ls = gsub.add_parser("list", help="enrolled identities and their image counts")
+    ls.add_argument("--db", required=True, help="gallery file (.sqlite, .db, or a legacy .npz)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_gallery_list)
+    rm = gsub.add_parser("remove", help="delete identities (all their images) from a gallery")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("--db", required=True, help="gallery file (.sqlite or .db)")
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(func=cmd_gallery_remove)
+    cv = gsub.add_parser("convert", help="copy a legacy .npz gallery into a new .sqlite gallery")
+    cv.add_argument("src", help="the .npz gallery")
+    cv.add_argument("dst", help="the new .sqlite/.db file (must not exist)")
+    cv.add_argument("--json", action="store_true")
+    cv.set_defaults(func=cmd_gallery_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

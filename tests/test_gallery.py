@@ -1,5 +1,6 @@
-"""Gallery: exact chunked search vs brute force, the .npz file (atomic, no pickle, bad files),
-model fingerprints, and enrol/search on real photos (johns: rank-1 on held-out images)."""
+"""Gallery: exact chunked search vs brute force, the legacy .npz file (atomic, no pickle, bad files),
+model fingerprints, and enrol/search on real photos (johns: rank-1 on held-out images; two CLI
+enrolments into one .sqlite gallery add up). The SQLite store itself: tests/test_gallery_store.py."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from marginface.cli import main
-from marginface.deploy.gallery import Gallery, enroll, top_k_cosine
+from marginface.deploy.gallery import Gallery, enroll, file_sha256, top_k_cosine
 from marginface.errors import UserError
 
 FOREIGN = "weights/mobilefacenet_onnx/MobileFaceNet.onnx"
@@ -143,19 +144,44 @@ def test_gallery_cli_enroll_and_search(johns_split, tmp_path, capsys):
     enrol_dir, probes = johns_split
     args = ["--model", str(need(FOREIGN)), "--normalize", "imagenet", "--detector-weights",
             str(need("weights/mtcnn")), "--threads", "1"]
-    db = tmp_path / "g.npz"
-    assert main(["gallery", "enroll", str(enrol_dir), "--db", str(db), *args, "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["identities"] == 5 and db.is_file()
+    # two enrolments into one SQLite gallery: the second adds to the first
+    halves = [tmp_path / "first", tmp_path / "second"]
+    for i, ident in enumerate(sorted(enrol_dir.iterdir())):
+        (halves[i >= 2] / ident.name).mkdir(parents=True)
+        for f in ident.iterdir():
+            (halves[i >= 2] / ident.name / f.name).symlink_to(f.resolve())
+    # johns has byte-identical copies (John_Shimkus): an image is its content, enrolled once
+    distinct = [len({(d.name, file_sha256(f)) for d in sorted(h.iterdir()) for f in d.iterdir()}) for h in halves]
+    db = tmp_path / "g.sqlite"
+    for half, expected, rows in zip(halves, (2, 5), distinct):
+        assert main(["gallery", "enroll", str(half), "--db", str(db), *args, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["gallery_identities"] == expected and report["added"] == rows
+        assert report["added"] + report["already_enrolled"] == report["images"]
+    assert main(["gallery", "enroll", str(halves[0]), "--db", str(db), *args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the same images again: nothing embedded, nothing added
+    assert (report["images"], report["added"], report["already_enrolled"], report["gallery_identities"]) == (0, 0, 10, 5)
+    assert main(["gallery", "list", "--db", str(db), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["identities"] == 5 and listing["images"] == sum(distinct) >= 24
     name, probe = probes[-1]
     assert main(["gallery", "search", str(probe), "--db", str(db), "--top", "3", *args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["matches"]) == 3 and result["matches"][0]["identity"] == name
-    assert set(result["matches"][0]) >= {"identity", "similarity"}
+    assert set(result["matches"][0]) >= {"identity", "similarity", "images"}
     # the same gallery searched with another preprocessing = another model: refused, exit 2
     wrong = [a if a != "imagenet" else "arcface" for a in args]
     assert main(["gallery", "search", str(probe), "--db", str(db), *wrong, "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "different model" in err[0]
-    assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "none.npz"), *args]) == 2
+    assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "none.sqlite"), *args]) == 2
     assert "not found" in capsys.readouterr().err
+    # a legacy .npz gallery (the in-memory enrolment saved) is still searchable
+    from marginface.deploy.embedder import FaceEmbedder
+
+    fe = FaceEmbedder(need(FOREIGN), normalize="imagenet", detector_weights=need("weights/mtcnn"), threads=1)
+    snapshot = Gallery.load(db)
+    snapshot.save(tmp_path / "g.npz")
+    assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "g.npz"), "--top", "1", *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["matches"][0]["identity"] == name
+    snapshot.check_model(*fe.fingerprint())

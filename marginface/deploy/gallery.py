@@ -1,10 +1,15 @@
-"""A face gallery: one unit embedding per enrolled identity, saved as ``.npz``, searched by cosine.
+"""Face galleries: enrolment from identity folders, exact cosine search, and the legacy ``.npz`` file.
 
-Enrolment (``enroll``) takes a folder of identity folders (``DIR/<name>/*.jpg``), embeds the
-largest face of each image, and stores per identity the mean of the L2-normalised embeddings,
-renormalised (the usual template). The file holds ``names``, ``embeddings`` (K×D float32),
-``counts`` (images used), ``model_fingerprint`` + ``model_probe`` (to refuse a search with a
-different model) and ``format``; it is written atomically and read without pickle.
+The gallery file is chosen by suffix (`open_gallery`): ``.sqlite`` / ``.db`` is the SQLite store
+(`marginface.deploy.gallery_store.GalleryStore`: one row per enrolled image, safe for several
+processes, `enroll_store` adds to it); ``.npz`` is the legacy format, read for search (and by
+`gallery_store.convert_npz`) but never enrolled into, because it is rewritten whole.
+
+`Gallery` is the in-memory form either file loads into (``Gallery.load``: an ``.npz``, or a
+snapshot of an SQLite gallery's templates): ``names``, ``embeddings`` (K×D float32 unit
+templates: per identity the mean of the L2-normalised image embeddings, renormalised), ``counts``,
+``model_fingerprint`` + ``model_probe`` (to refuse a search with a different model). The ``.npz``
+is written atomically and read without pickle.
 
 Search is exact cosine similarity in numpy, chunked (``chunk_size`` rows at a time, so a
 million-entry gallery never needs a K×Q similarity matrix in memory) with a per-chunk
@@ -13,6 +18,7 @@ galleries when the ``faiss`` package is installed) an exact ``IndexFlatIP`` does
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -80,7 +86,13 @@ class Gallery:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Gallery":
+        """A legacy ``.npz`` gallery, or an in-memory snapshot of the templates of a ``.sqlite``/``.db`` one."""
         path = Path(path)
+        if path.suffix.lower() in (".sqlite", ".db"):
+            from marginface.deploy.gallery_store import GalleryStore
+
+            with GalleryStore(path) as store:
+                return store.snapshot()
         if not path.is_file():
             raise UserError(f"{path}: gallery not found (create it with `marginface gallery enroll`)")
         try:
@@ -104,16 +116,7 @@ class Gallery:
     # ------------------------------------------------------------------ search
     def check_model(self, fingerprint: str, probe: Optional[np.ndarray], where: str = "gallery") -> None:
         """UserError unless the search model embeds like the enrolment model."""
-        if probe is not None and len(probe) != self.dim:
-            raise UserError(f"{where}: enrolled with {self.dim}-d embeddings but the model gives {len(probe)}-d; "
-                            f"use the model the gallery was enrolled with")
-        if self.model_probe is None or probe is None or fingerprint == self.model_fingerprint:
-            return
-        cos = float(np.dot(self.model_probe, probe) /
-                    (np.linalg.norm(self.model_probe) * np.linalg.norm(probe) + 1e-12))
-        if cos < PROBE_MIN_COSINE:
-            raise UserError(f"{where}: enrolled with a different model (fingerprint {self.model_fingerprint}, "
-                            f"{self.model_name or 'unknown'}); this model's is {fingerprint}")
+        check_probe(self.dim, self.model_fingerprint, self.model_probe, self.model_name, fingerprint, probe, where)
 
     def search(self, queries: np.ndarray, top_k: int = 5, *, chunk_size: int = 65536,
                index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -142,10 +145,29 @@ class Gallery:
         sims, idx = self._faiss_index.search(np.ascontiguousarray(q), k)
         return idx.astype(np.int64), sims.astype(np.float32)
 
+    def list(self) -> list[dict]:
+        """``[{"identity", "images"}]`` sorted by name."""
+        return [{"identity": str(n), "images": int(c)} for n, c in sorted(zip(self.names, self.counts))]
+
     def matches(self, query: np.ndarray, top_k: int = 5, **kw) -> list[dict]:
         idx, sims = self.search(query, top_k, **kw)
         return [{"identity": str(self.names[i]), "similarity": float(s), "images": int(self.counts[i])}
                 for i, s in zip(idx[0], sims[0])]
+
+
+def check_probe(dim: Optional[int], enrolled_fingerprint: str, enrolled_probe: Optional[np.ndarray],
+                enrolled_name: str, fingerprint: str, probe: Optional[np.ndarray], where: str) -> None:
+    """UserError unless a model (``fingerprint``, ``probe``) embeds like the enrolment model."""
+    if probe is not None and dim is not None and len(probe) != dim:
+        raise UserError(f"{where}: enrolled with {dim}-d embeddings but the model gives {len(probe)}-d; "
+                        f"use the model the gallery was enrolled with")
+    if enrolled_probe is None or probe is None or fingerprint == enrolled_fingerprint:
+        return
+    cos = float(np.dot(enrolled_probe, probe) /
+                (np.linalg.norm(enrolled_probe) * np.linalg.norm(probe) + 1e-12))
+    if not cos >= PROBE_MIN_COSINE:
+        raise UserError(f"{where}: enrolled with a different model (fingerprint {enrolled_fingerprint}, "
+                        f"{enrolled_name or 'unknown'}); this model's is {fingerprint}")
 
 
 def _faiss():
@@ -181,51 +203,175 @@ def top_k_cosine(gallery: np.ndarray, queries: np.ndarray, k: int, *, chunk_size
     return best_idx, best_sim
 
 
+# ---------------------------------------------------------------------------------------------- opening
+def open_gallery(path: Union[str, Path]):
+    """A gallery to search, by suffix: ``.sqlite``/``.db`` -> `GalleryStore`, ``.npz`` -> legacy `Gallery`.
+
+    Both have ``check_model``, ``search``-style ``matches``, ``list`` and ``len``."""
+    from marginface.deploy.gallery_store import GalleryStore, is_sqlite_path
+
+    path = Path(path)
+    if is_sqlite_path(path):
+        return GalleryStore(path)
+    if path.suffix.lower() == ".npz":
+        return Gallery.load(path)
+    raise UserError(f"{path}: gallery files end in .sqlite or .db (or .npz, the legacy read-only format)")
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- enrolment
-def enroll(embedder, folder: Union[str, Path], *, progress=None, min_images: int = 1,
-           skip_no_face: bool = False) -> tuple[Gallery, dict]:
-    """Build a gallery from ``folder/<identity>/*`` with a `FaceEmbedder`.
-
-    Returns ``(gallery, report)``; the report lists ``skipped`` images (no face, when
-    ``skip_no_face``) and empty identities. Without ``skip_no_face`` an image without a face is
-    an error naming it.
-    """
-    from marginface.deploy.embedder import iter_image_files
-
-    folder = Path(folder)
+def _identity_dirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a directory (expected one sub-folder of images per identity)")
     identity_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not identity_dirs:
         raise UserError(f"{folder}: no identity folders (expected {folder}/<name>/*.jpg)")
-    names, vectors, counts = [], [], []
-    skipped: list[dict] = []
-    empty: list[str] = []
-    for d in identity_dirs:
-        files = list(iter_image_files(d))
-        crops = []
-        for f in files:
+    return identity_dirs
+
+
+def embed_identities(embedder, folder: Union[str, Path], *, skip_no_face: bool = False, skip=None,
+                     progress=None):
+    """Yield ``(name, files, embeddings n×D unit, hashes)`` per identity folder of ``folder``, plus
+    the skipped images (no face, when ``skip_no_face``) through ``skipped`` entries of the result.
+
+    ``skip(name, sha256) -> bool`` leaves images out before they are embedded (already enrolled).
+    Returns a generator; its items are dicts with ``name``, ``files``, ``embeddings``, ``sha256``,
+    ``skipped`` (list of {"file", "reason"}), ``already`` (images skipped by ``skip``).
+    """
+    from marginface.deploy.embedder import iter_image_files
+
+    for d in _identity_dirs(Path(folder)):
+        files, hashes, crops, skipped, already = [], [], [], [], 0
+        for f in iter_image_files(d):
+            digest = file_sha256(f)
+            if skip is not None and skip(d.name, digest):
+                already += 1
+                continue
             try:
                 crops.append(embedder.largest_face(f).crop)
             except UserError as exc:
                 if not skip_no_face or "no face" not in str(exc):
                     raise
                 skipped.append({"file": str(f), "reason": "no face found"})
-        if len(crops) < min_images:
-            empty.append(d.name)
-            continue
-        emb = embedder.embed_crops(np.stack(crops))
-        centre = emb.astype(np.float64).mean(0)
-        norm = np.linalg.norm(centre)
-        names.append(d.name)
-        vectors.append((centre / (norm if norm > 0 else 1.0)).astype(np.float32))
-        counts.append(len(crops))
+                continue
+            files.append(f)
+            hashes.append(digest)
+        emb = embedder.embed_crops(np.stack(crops)) if crops else None
         if progress is not None:
             progress(d.name, len(crops))
+        yield {"name": d.name, "files": files, "embeddings": emb, "sha256": hashes, "skipped": skipped,
+               "already": already}
+
+
+def _model_name(embedder) -> str:
+    return str(getattr(embedder.model, "model_path", None) or type(embedder.model).__name__)
+
+
+def enroll(embedder, folder: Union[str, Path], *, progress=None, min_images: int = 1,
+           skip_no_face: bool = False) -> tuple[Gallery, dict]:
+    """Build an in-memory gallery (one template per identity) from ``folder/<identity>/*`` with a `FaceEmbedder`.
+
+    Returns ``(gallery, report)``; the report lists ``skipped`` images (no face, when
+    ``skip_no_face``) and empty identities. Without ``skip_no_face`` an image without a face is
+    an error naming it. `enroll_store` adds the same images to an SQLite gallery instead.
+    """
+    folder = Path(folder)
+    names, vectors, counts = [], [], []
+    skipped: list[dict] = []
+    empty: list[str] = []
+    for item in embed_identities(embedder, folder, skip_no_face=skip_no_face, progress=progress):
+        skipped += item["skipped"]
+        if len(item["files"]) < min_images:
+            empty.append(item["name"])
+            continue
+        centre = item["embeddings"].astype(np.float64).mean(0)
+        norm = np.linalg.norm(centre)
+        names.append(item["name"])
+        vectors.append((centre / (norm if norm > 0 else 1.0)).astype(np.float32))
+        counts.append(len(item["files"]))
     if not names:
         raise UserError(f"{folder}: no identity with a usable face image")
     fingerprint, probe = embedder.fingerprint()
-    model_name = str(getattr(embedder.model, "model_path", None) or type(embedder.model).__name__)
-    gallery = Gallery(np.array(names), np.stack(vectors), np.array(counts), fingerprint, probe, model_name)
+    gallery = Gallery(np.array(names), np.stack(vectors), np.array(counts), fingerprint, probe, _model_name(embedder))
     return gallery, {"identities": len(names), "images": int(sum(counts)), "skipped": skipped,
                      "empty_identities": empty}
+
+
+def check_enroll_target(db: Union[str, Path], folder: Union[str, Path, None] = None) -> None:
+    """UserError for a gallery file one cannot enroll into (checked before any model loads):
+    a legacy ``.npz``, another suffix, a file that is not our SQLite gallery, or a bad ``folder``."""
+    from marginface.deploy.gallery_store import GalleryStore, is_sqlite_path
+
+    db = Path(db)
+    if db.suffix.lower() == ".npz":
+        raise UserError(f"{db}: .npz galleries are read-only (legacy); enroll into a .sqlite gallery "
+                        f"(`marginface gallery convert {db} {db.with_suffix('.sqlite')}` keeps its identities)")
+    if not is_sqlite_path(db):
+        raise UserError(f"{db}: gallery files end in .sqlite or .db")
+    if folder is not None:
+        _identity_dirs(Path(folder))  # bad folders fail before the gallery file is created
+    if db.is_file() and db.stat().st_size > 0:
+        GalleryStore(db).close()  # not SQLite / another format version: refused now
+
+
+def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, replace: bool = False,
+                 skip_no_face: bool = False, progress=None) -> dict:
+    """Add ``folder/<identity>/*`` to the SQLite gallery ``db`` (created when missing) in one transaction.
+
+    Images already enrolled under the same identity (same file bytes) are not embedded again
+    and add nothing; ``replace=True`` replaces every row of the identities in ``folder``. The
+    embedder must be the gallery's model (checked before anything is embedded).
+    """
+    from marginface.deploy.gallery_store import GalleryStore
+
+    db, folder = Path(db), Path(folder)
+    check_enroll_target(db, folder)
+    fingerprint, probe = embedder.fingerprint()
+    skip, existing = None, None
+    if db.is_file() and db.stat().st_size > 0:  # an existing gallery: same model, and what it already holds
+        existing = GalleryStore(db)
+        existing.check_model(fingerprint, probe)
+        if not replace:
+            hashes_of: dict[str, set] = {}
+
+            def skip(name: str, digest: str) -> bool:
+                if name not in hashes_of:
+                    hashes_of[name] = set(existing.rows(name)["sha256"])
+                return digest in hashes_of[name]
+    names, vectors, sources, hashes = [], [], [], []
+    skipped: list[dict] = []
+    empty: list[str] = []
+    already = 0
+    for item in embed_identities(embedder, folder, skip_no_face=skip_no_face, progress=progress, skip=skip):
+        skipped += item["skipped"]
+        already += item["already"]
+        if not item["files"]:
+            if not item["already"]:
+                empty.append(item["name"])
+            continue
+        names += [item["name"]] * len(item["files"])
+        vectors.append(item["embeddings"])
+        sources += [str(f) for f in item["files"]]
+        hashes += item["sha256"]
+    if existing is not None:
+        existing.close()
+    if not names and not already:
+        raise UserError(f"{folder}: no identity with a usable face image")
+    identities = sorted(set(names))
+    with GalleryStore(db, create=True) as store:  # created only now: a failed enrolment leaves no empty file
+        added = 0
+        if names:
+            result = store.add(names, np.concatenate(vectors), sources=sources, sha256=hashes,
+                               fingerprint=fingerprint, probe=probe, model_name=_model_name(embedder),
+                               replace=replace)
+            added, already = result["added"], already + result["already_enrolled"]
+        return {"identities": len(identities), "images": len(names), "added": added, "already_enrolled": already,
+                "replace": replace, "skipped": skipped, "empty_identities": empty, "db": str(db),
+                "dim": store.dim, "model_fingerprint": store.model_fingerprint, "gallery_identities": len(store)}
