@@ -368,14 +368,16 @@ def _finish_report(report: dict, model, out: Path, check: bool) -> dict:
 
     report["file_mb"] = file_mb(out)
     if check:
-        report["parity"] = check_parity(model, out)
-    loaded = load_model(out, threads=1)
+        report["parity"] = check_parity(model, out, trust_code=True)  # the file we have just written
+    loaded = load_model(out, threads=1, trust_code=True)  # the file we have just written
     report["metadata"] = dict(getattr(loaded, "metadata", {}))
     return report
 
 
-def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Optional[np.ndarray] = None) -> dict:
-    """Raw embeddings of PyTorch vs the exported file on ``images`` (default: 16 synthetic faces)."""
+def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Optional[np.ndarray] = None, *,
+                 trust_code: bool = False) -> dict:
+    """Raw embeddings of PyTorch vs the exported file on ``images`` (default: 16 synthetic faces).
+    ``trust_code``: the file may be TorchScript or a compiled package (see `load_model`)."""
     from marginface.data.transforms import to_tensor
     from marginface.deploy.load import load_model
 
@@ -384,5 +386,5 @@ def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Opt
     x = to_tensor(images, getattr(model, "normalize", "arcface"))
     with torch.no_grad():
         reference = model.eval()(x).numpy()
-        other = torch.as_tensor(load_model(exported, threads=1)(x)).numpy()
+        other = torch.as_tensor(load_model(exported, threads=1, trust_code=trust_code)(x)).numpy()
     return compare_embeddings(reference, other)

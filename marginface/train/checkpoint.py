@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from marginface.errors import UserError
+from marginface.io.trust import WHY, code_kind
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -40,6 +41,9 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    kind = code_kind(path)  # zip member names only; torch.load would hand TorchScript to torch.jit.load
+    if kind is not None:
+        raise UserError(f"{path}: {WHY[kind]}; not a training checkpoint (give a run directory or a .pt checkpoint)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one clear line
