@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_path as io_atomic_path
 
 # Opset 13 is the newest opset that every mobile runtime we target reads (ONNX Runtime Mobile,
 # NCNN/pnnx, MNN, TNN, onnx2tf -> TFLite, Qualcomm QNN/SNPE, TensorRT) and the first with
@@ -68,31 +68,13 @@ METADATA_KEYS = {
 @contextlib.contextmanager
 def atomic_path(out: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it is fsynced and renamed to ``out``,
-    on any error it is removed and ``out`` is untouched."""
+    on any error it is removed and ``out`` is untouched (`marginface.io.atomic.atomic_path`; a
+    failed write, e.g. a full disk, is a `UserError` naming ``out``)."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a directory; give a file name for the exported model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with io_atomic_path(out) as tmp:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def file_mb(path: Union[str, Path]) -> float:

@@ -67,6 +67,17 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     return removed
 
 
+def ensure_dir(folder: PathLike) -> Path:
+    """``mkdir -p folder``; an OSError (full disk, no permission, a file in the way) is a `UserError`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(f"{folder}: could not create the folder ({reason})") from None
+    return folder
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -74,10 +85,13 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path`` for a writer that wants a file name (``np.save``, ONNX,
     a zip library); when the block ends without an error it is fsynced and renamed to ``path``.
-    On any exception the temp file is removed and ``path`` is left as it was."""
+    On any exception the temp file is removed and ``path`` is left as it was.
+
+    ``durable=False`` skips the fsyncs (for the many small files of an image folder: a crash
+    still never leaves a partial file under the real name, but a power loss may lose the newest)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a file name")
@@ -91,8 +105,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            if durable:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
             os.chmod(tmp, _default_mode())  # mkstemp makes 0600; our files are ordinary files
             os.replace(tmp, path)
         except OSError as exc:
@@ -101,11 +116,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None, *,
+                 durable: bool = True) -> Iterator[IO[Any]]:
     """``with atomic_write(path) as f: f.write(...)``: ``f`` is an open temp file (``mode`` "wb" or
     "w"); on leaving the block it is flushed, fsynced and renamed to ``path`` (see `atomic_path`)."""
     if mode not in ("wb", "w"):
@@ -113,18 +130,21 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) 
     if mode == "w" and encoding is None:
         encoding = "utf-8"
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp:  # the fsyncs happen here, on the open handle
         try:
             with open(tmp, mode, encoding=encoding) as handle:
                 yield handle
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
         except OSError as exc:
             raise write_error(path, exc) from None
+    if durable:
+        fsync_dir(path.parent)  # the rename itself
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    with atomic_write(path, "wb") as f:
+def atomic_write_bytes(path: PathLike, data: bytes, *, durable: bool = True) -> Path:
+    with atomic_write(path, "wb", durable=durable) as f:
         f.write(data)
     return Path(path)
 
@@ -148,5 +168,32 @@ def atomic_save_torch(obj: Any, path: PathLike) -> Path:
 
     remove_stale_temps(path)
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:  # torch turns the file's OSError into an opaque RuntimeError
+                raise write_error(path, writer.error) from None
+            raise
     return Path(path)
+
+
+class _RecordingWriter:
+    """A file's ``write``/``flush`` that remember the OSError a failed write raised."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
