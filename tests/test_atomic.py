@@ -242,3 +242,24 @@ def test_eval_report_on_a_full_disk(tmp_path, colour_model):
                          "--out", out, "--no-plots", "--device", "cpu"), 10_000_000, tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "pairs" in json.loads((out / "report.json").read_text())["eval"] and temps(tmp_path) == []
+
+
+def test_train_on_a_full_disk(tmp_path):
+    """A checkpoint save that hits the limit ends the run with one error line (exit 2), not a
+    traceback, and leaves no temp file in checkpoints/."""
+    out = tmp_path / "run"
+    sets = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=64",
+            "data.synthetic.identities=20", "data.synthetic.images_per_identity=4", "data.val=[]",
+            "train.batch_size=16", "train.amp=none", "train.max_steps=2"]
+    result = run_limited(cli("train", "--out", out, "--json", "--set", *sets), 50_000, tmp_path)
+    one_error_naming(result, out / "checkpoints" / "last.pt")
+    assert temps(tmp_path) == [] and not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_export_on_a_full_disk(tmp_path):
+    out = tmp_path / "model.ts"
+    out.write_bytes(b"previous")
+    result = run_limited(cli("export", "--backbone", "mbf", "--format", "torchscript", "--out", out), 100_000,
+                         tmp_path)
+    one_error_naming(result, out)
+    assert out.read_bytes() == b"previous" and temps(tmp_path) == []

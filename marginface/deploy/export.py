@@ -251,9 +251,11 @@ def export_torchscript(model: torch.nn.Module, out: Union[str, Path], *, metadat
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(folded, example, check_trace=False)
         frozen = torch.jit.freeze(traced.eval())
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(frozen, str(tmp), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
+        # to a file object: torch writes the bytes with handle.write, so a full disk is an OSError
+        # (one error line naming out) rather than an opaque RuntimeError from its C++ writer
+        torch.jit.save(frozen, handle, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
     return Path(out)
 
 

@@ -20,7 +20,7 @@ from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
 from marginface.train import distributed, setup
 from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
-from marginface.io.atomic import atomic_write_json, atomic_write_text
+from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
 from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
 from marginface.train.loggers import RunLogger, format_table
 from marginface.train.schedule import lr_factor
@@ -327,7 +327,7 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.run_dir)
         self._t_start = time.time()
         last = self.ckpt_dir / "last.pt"
         if self.dist.is_main:  # temp files of a save a kill interrupted (ours only; nothing is saving now)
