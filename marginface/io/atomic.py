@@ -11,6 +11,7 @@ Only `marginface.errors` is imported from the package, so any module may use thi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -28,11 +29,6 @@ def temp_name_pattern(name: str) -> "re.Pattern[str]":
     ``.<name>.<8 random chars>.tmp`` (and ``<name>.<8 random chars>.tmp``, what checkpoint saves
     before this module named theirs)."""
     return re.compile(r"\.?" + re.escape(name) + r"\.[a-z0-9_]{8}\.tmp\Z")
-
-
-def is_own_temp(path: PathLike, name: str) -> bool:
-    """Whether ``path`` is a temp file this module made for the target ``name``."""
-    return bool(temp_name_pattern(name).match(Path(path).name))
 
 
 def write_error(path: PathLike, exc: OSError) -> UserError:
@@ -78,7 +74,10 @@ def ensure_dir(folder: PathLike) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=None)
 def _default_mode() -> int:
+    """What ``open(path, "w")`` would give a new file (0o666 less the umask). Read once: setting the
+    umask to read it is process-wide, so it is not done on every write while threads run."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
