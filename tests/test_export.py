@@ -211,7 +211,7 @@ def test_export_is_atomic(trained_run, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"model\.onnx: could not write \(disk full\)"):  # one line, not a traceback
         export_model(trained_run, out, check=False)
     assert out.read_bytes() == b"previous good model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp files left
