@@ -109,6 +109,23 @@ def test_torch_save_round_trip_and_stale_cleanup(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "thesis.tex"]
 
 
+def test_image_writes_are_checked(tmp_path):
+    """`imwrite_rgb` (data synth/convert/align): a failure raises naming the file, where
+    ``cv2.imwrite`` returned False and the commands carried on."""
+    from marginface.data.recordio import imwrite_rgb
+    from marginface.data.sources import read_image_file
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0] = 255  # red, to check the channel order
+    assert np.array_equal(read_image_file(imwrite_rgb(tmp_path / "red.png", image)), image)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file/x\.png: could not write"):
+        imwrite_rgb(tmp_path / "file" / "x.png", image)
+    with pytest.raises(UserError, match=r"x\.nope: cannot encode the image"):
+        imwrite_rgb(tmp_path / "x.nope", image)
+    assert sorted(os.listdir(tmp_path)) == ["file", "red.png"]
+
+
 def test_the_io_package_imports_nothing_else_of_marginface():
     code = ("import sys, marginface.io.atomic, marginface.io.trust; "
             "print(sorted(m for m in sys.modules if m.startswith('marginface')))")
