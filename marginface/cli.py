@@ -146,7 +146,7 @@ def _embedding_model(args) -> tuple:
 
     from marginface.deploy.load import load_model
 
-    model = load_model(args.model, normalize=args.normalize)  # run dir, .pt, our .onnx or a foreign .onnx
+    model = load_model(args.model, normalize=args.normalize, trust_code=args.trust_code)
     device = _eval_device(args.device, model)
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -161,6 +161,23 @@ def _embedding_model(args) -> tuple:
 def _compiled(args) -> bool:
     """Whether `_embedding_model` compiles (recorded in reports: it changes the numbers' rounding)."""
     return args.compile or args.precision == "int8"
+
+
+MODEL_HELP = ("run directory, checkpoint (.pt), ONNX, TorchScript or compiled .pt2 model; TorchScript and "
+              ".pt2 files run code when loaded and need --trust-code")
+TRUST_CODE_HELP = ("allow TorchScript archives and compiled .pt2 packages: loading them runs the code inside "
+                   "(TorchScript) or a native library (.pt2). Only for files you trust; checkpoints and ONNX "
+                   "models never need it")
+
+
+def _add_model_argument(parser, *, required: bool = True) -> None:
+    """``--model`` and ``--trust-code``: every command that loads a model for inference."""
+    parser.add_argument("--model", required=required, help=MODEL_HELP)
+    _add_trust_code(parser)
+
+
+def _add_trust_code(parser) -> None:
+    parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
 
 
 def _add_embedding_options(parser) -> None:
@@ -275,7 +292,7 @@ def _add_embed_parser(sub) -> None:
                        description="Embed every image under --images (any depth, sorted) with the model; write the "
                                    "N x D float32 features to --out (.npy) and the image paths, one per row, to the "
                                    ".txt beside it. Use the same model, flip and precision as the identify run.")
-    m.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
+    _add_model_argument(m)
     m.add_argument("--images", required=True, help="folder of images (any depth)")
     m.add_argument("--out", required=True, help="feature file to write (.npy)")
     _add_embedding_options(m)
@@ -288,7 +305,7 @@ def _add_identify_parser(sub) -> None:
                        description="Enrol DIR/<identity>/*.jpg of --gallery (one template per identity), search "
                                    "every probe image among the templates and the distractors; report rank-r "
                                    "identification rates and open-set TPIR@FPIR. Protocol: docs/evaluation.md.")
-    i.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
+    _add_model_argument(i)
     i.add_argument("--gallery", required=True, help="identity folders to enrol: DIR/<identity>/*.jpg")
     i.add_argument("--probes", required=True, help="identity folders to search; identities without a gallery "
                                                    "folder are non-mated (open-set) probes")
@@ -408,7 +425,7 @@ def _face_embedder(args):
         torch.set_num_threads(args.threads)
     fe = FaceEmbedder(args.model, normalize=args.normalize, detector_weights=args.detector_weights,
                       flip=not args.no_flip, threshold=args.threshold, batch_size=args.batch_size,
-                      threads=args.threads)
+                      threads=args.threads, trust_code=args.trust_code)
     return fe
 
 
@@ -442,7 +459,7 @@ def cmd_bench(args) -> int:
         raise UserError("bench: give MODEL (run dir, .pt or .onnx) or --backbone NAME")
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else list(DEFAULT_RUNTIMES)
     result = bench(args.model, backbone=args.backbone, runtimes=runtimes, threads=args.threads, runs=args.runs,
-                   normalize=args.normalize, input_size=args.input_size)
+                   normalize=args.normalize, input_size=args.input_size, trust_code=args.trust_code)
     if args.json:
         _print_json(result)
     else:
@@ -571,7 +588,7 @@ def cmd_gallery_convert(args) -> int:
 
 
 def _add_model_options(p) -> None:
-    p.add_argument("--model", required=True, help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
+    _add_model_argument(p)
     p.add_argument("--normalize", choices=["arcface", "imagenet"],
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
     p.add_argument("--detector-weights", help="MTCNN weights directory (default: $MARGINFACE_DETECTOR_DIR or the cache)")
@@ -585,7 +602,8 @@ def _add_model_options(p) -> None:
 def _add_deploy_parsers(sub) -> None:
     x = sub.add_parser("export", help="export a trained model to ONNX (optionally int8), TorchScript or a "
                                       "compiled x86/CUDA package")
-    x.add_argument("model", nargs="?", help="run directory or checkpoint (.pt)")
+    x.add_argument("model", nargs="?", help="run directory or checkpoint (.pt); loaded with torch.load("
+                                            "weights_only=True), so it runs no code")
     x.add_argument("--backbone", help="export this architecture with random weights instead (size checks)")
     x.add_argument("--format", choices=["onnx", "torchscript", "aoti"], default="onnx",
                    help="aoti: an ahead-of-time compiled .pt2 (fastest on x86 servers; same torch and CPU to run)")
@@ -609,7 +627,9 @@ def _add_deploy_parsers(sub) -> None:
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="parameters, MACs, file size, latency and throughput per runtime")
-    b.add_argument("model", nargs="?", help="run directory, checkpoint (.pt) or .onnx")
+    b.add_argument("model", nargs="?", help="run directory, checkpoint (.pt), .onnx, or a compiled .pt2 "
+                                            "package (runs native code when opened: needs --trust-code)")
+    _add_trust_code(b)
     b.add_argument("--backbone", help="time this architecture with random weights")
     b.add_argument("--input-size", type=int, default=112, help="with --backbone: input side in pixels")
     b.add_argument("--threads", type=int, help="threads for every runtime (default: cores, at most 4)")
@@ -664,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     t = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic recipe)")
-    t.add_argument("--config", help="YAML or .py config file (default: built-in synthetic_mbf)")
+    t.add_argument("--config", help="YAML or .py config file (default: built-in synthetic_mbf); a .py config is "
+                                    "Python and runs with your permissions: use only files you trust")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=0.05")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
@@ -676,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate with and without the flip-sum embedding; --out (default: the run "
                                     "directory) gets report.json, report.md, roc.png and scores.png. "
                                     "Protocols: docs/evaluation.md.")
-    e.add_argument("--model", help="run directory, checkpoint (.pt), TorchScript, ONNX or compiled .pt2 model")
+    _add_model_argument(e, required=False)
     e.add_argument("--sets", nargs="+", help=".bin files, LFW directories (with pairs.txt), pairs .txt/.csv, "
                                              "IJB-B/IJB-C directories (insightface layout)")
     e.add_argument("--out", help="directory for report.json/report.md/plots (default: --model when it is a run "

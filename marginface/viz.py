@@ -21,7 +21,6 @@ Rendering uses matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write, atomic_write_json, ensure_dir
 
 
 @dataclass
@@ -176,8 +176,11 @@ def _figure(panels: list, path: Path, legend: bool = True) -> None:
     if legend:
         axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=1.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format="png", dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def _gif(snapshots: list, labels: np.ndarray, title: str, path: Path) -> None:
@@ -204,7 +207,8 @@ def _gif(snapshots: list, labels: np.ndarray, title: str, path: Path) -> None:
         plt.close(fig)
         buf.seek(0)
         frames.append(Image.open(buf).convert("P", palette=Image.ADAPTIVE))
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=300, loop=0)
+    with atomic_write(path) as handle:
+        frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:], duration=300, loop=0)
 
 
 def run_viz(out_dir: str | Path, options: Optional[VizOptions] = None, *, gif: bool = False,
@@ -218,8 +222,7 @@ def run_viz(out_dir: str | Path, options: Optional[VizOptions] = None, *, gif: b
         import matplotlib  # noqa: F401  (an optional dependency: the plots extra)
     except ImportError:
         raise UserError("viz needs matplotlib: pip install 'marginface[plots]'") from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     source = SyntheticSource(options.identities, options.images_per_identity, image_size=options.input_size,
                              seed=options.seed)
     images = torch.from_numpy(np.ascontiguousarray(source.images.transpose(0, 3, 1, 2)))
@@ -240,5 +243,5 @@ def run_viz(out_dir: str | Path, options: Optional[VizOptions] = None, *, gif: b
     _figure([(f, labels, t) for f, t in finals.values()], out / "comparison.png")
     summary = {"out": str(out), "options": asdict(options), "runs": runs,
                "comparison": str(out / "comparison.png")}
-    (out / "viz.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "viz.json", summary)
     return summary

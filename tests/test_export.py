@@ -173,7 +173,9 @@ def test_torchscript_export_roundtrip(trained_run, tmp_path):
     out = tmp_path / "model.ts"
     report = export_model(trained_run, out, fmt="torchscript")
     assert report["parity"]["min_cosine"] > 0.9999
-    loaded = load_model(out)
+    with pytest.raises(UserError, match="is a TorchScript archive, which runs code when loaded"):
+        load_model(out)  # loading TorchScript runs its code: only when asked
+    loaded = load_model(out, trust_code=True)
     ref = load_model(trained_run)
     assert loaded.input_size == (32, 32) and loaded.normalize == "arcface"
     assert loaded.threshold == pytest.approx(ref.threshold)
@@ -209,7 +211,7 @@ def test_export_is_atomic(trained_run, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"model\.onnx: could not write \(disk full\)"):  # one line, not a traceback
         export_model(trained_run, out, check=False)
     assert out.read_bytes() == b"previous good model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp files left
@@ -329,7 +331,9 @@ def test_compiled_package_export_load_bench_and_bad_files(trained_run, tmp_path)
     report = export_model(trained_run, out, fmt="aoti", batch_size=2)
     assert report["parity"]["min_cosine"] > 0.9999 and report["file_mb"] > 0.1
     assert (report["metadata"]["precision"], report["metadata"]["batch_size"]) == ("fp32", 2)
-    reference, package = load_model(trained_run), load_model(out)
+    with pytest.raises(UserError, match="is a compiled package, which runs native code when opened"):
+        load_model(out)  # opening a package loads its native code: only when asked
+    reference, package = load_model(trained_run), load_model(out, trust_code=True)
     assert isinstance(package, CompiledEmbedder) and package.model_path == str(out)
     assert (package.input_size, package.embedding_size) == (reference.input_size, 128)
     assert package.threshold == pytest.approx(reference.threshold) and package.normalize == reference.normalize
@@ -338,14 +342,16 @@ def test_compiled_package_export_load_bench_and_bad_files(trained_run, tmp_path)
         assert torch.allclose(package(x), reference(x), atol=1e-4)
     with pytest.raises(ValueError, match="takes 3×32×32 images"):
         package(torch.randn(2, 3, 40, 40))
-    result = bench(out, runs=5, max_seconds=1, throughput_runs=3)
+    with pytest.raises(UserError, match="pass --trust-code"):
+        bench(out, runs=5, max_seconds=1, throughput_runs=3)
+    result = bench(out, runs=5, max_seconds=1, throughput_runs=3, trust_code=True)
     assert set(result["latency_ms"]) == {"compiled-package"} and result["compiled_batch"] == 2
     assert result["input_size"] == [32, 32] and result["sizes_mb"]["pt2"] == pytest.approx(report["file_mb"], abs=1e-3)
 
     broken = tmp_path / "broken.pt2"
     broken.write_bytes(b"not a zip")
     with pytest.raises(UserError, match="broken.pt2: not a loadable compiled package"):
-        load_model(broken)
+        load_model(broken, trust_code=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed (int8 package)")
@@ -359,5 +365,6 @@ def test_int8_compiled_package_keeps_accuracy(trained_run, tmp_path):
     assert report["int8"] and report["metadata"]["precision"] == "int8"
     assert 0.98 < report["parity"]["min_cosine"] < 0.99999  # int8 rounding: visible, small
     held_out = synthetic_pair_set(200, 6, 2000, image_size=32, seed=5, name="held_out")
-    acc = {name: evaluate_pair_set(load_model(p), held_out)["accuracy"] for name, p in (("fp32", trained_run), ("int8", out))}
+    acc = {name: evaluate_pair_set(load_model(p, trust_code=True), held_out)["accuracy"]
+           for name, p in (("fp32", trained_run), ("int8", out))}
     assert acc["fp32"] - acc["int8"] <= 0.005, acc

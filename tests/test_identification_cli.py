@@ -45,7 +45,7 @@ class PooledProjection(torch.nn.Module):
 
 
 def save_torchscript(module: torch.nn.Module, path: Path, input_size: int) -> Path:
-    """A model file `load_model` reads, with the metadata our exports carry."""
+    """A model file `load_model` reads (with trust_code: TorchScript runs code), with the metadata our exports carry."""
     meta = {"input_size": [input_size, input_size], "normalize": "arcface"}
     with warnings.catch_warnings():  # torch deprecates TorchScript; load_model still reads it
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -103,7 +103,7 @@ def colour_world(tmp_path):
 
 def test_known_embeddings_json_files_and_text(colour_world, capsys):
     root, model, expected = colour_world
-    argv = ["identify", "--model", model, "--gallery", root / "gallery", "--probes", root / "probes",
+    argv = ["identify", "--model", model, "--trust-code", "--gallery", root / "gallery", "--probes", root / "probes",
             "--distractors", root / "distractors", root / "more.npy", "--top", "2", "--fpir", "0.5", "1",
             "--chunk-size", "2", "--out", root / "report"]
     code, out, err = run(capsys, *argv, "--json")
@@ -138,7 +138,7 @@ def test_known_embeddings_json_files_and_text(colour_world, capsys):
 def test_embed_writes_features_identify_accepts_as_distractors(colour_world, capsys):
     root, model, expected = colour_world
     feats = root / "feats" / "distractors.npy"
-    code, out, err = run(capsys, "embed", "--model", model, "--images", root / "distractors", "--out", feats,
+    code, out, err = run(capsys, "embed", "--model", model, "--trust-code", "--images", root / "distractors", "--out", feats,
                          "--batch-size", "2", "--json")
     assert code == 0, err
     written = json.loads(out)
@@ -152,7 +152,7 @@ def test_embed_writes_features_identify_accepts_as_distractors(colour_world, cap
     assert np.allclose(rows, 2 * np.stack([by_name[Path(p).name] for p in listed]), atol=1e-5)
     assert not list((root / "feats").glob("*.tmp"))
 
-    base = ["identify", "--model", model, "--gallery", root / "gallery", "--probes", root / "probes", "--json"]
+    base = ["identify", "--model", model, "--trust-code", "--gallery", root / "gallery", "--probes", root / "probes", "--json"]
     code, out_npy, err = run(capsys, *base, "--distractors", feats)
     assert code == 0, err
     code, out_dir, err = run(capsys, *base, "--distractors", root / "distractors")
@@ -168,7 +168,7 @@ def test_embed_writes_features_identify_accepts_as_distractors(colour_world, cap
 def test_embed_bad_input_is_one_error_line(colour_world, capsys, argv_tail, message):
     root, model, _ = colour_world
     tail = [a.format(root=root) for a in argv_tail]
-    code, out, err = run(capsys, "embed", "--model", model, *tail)
+    code, out, err = run(capsys, "embed", "--model", model, "--trust-code", *tail)
     assert code == 2 and out == ""
     assert err.startswith("error:") and message.format(root=root) in err and len(err.strip().splitlines()) == 1
 
@@ -177,7 +177,7 @@ def test_no_non_mated_probes_no_tpir(colour_world, capsys):
     root, model, _ = colour_world
     for name in STRANGERS:
         shutil.rmtree(root / "probes" / name)
-    code, out, err = run(capsys, "identify", "--model", model, "--gallery", root / "gallery", "--probes",
+    code, out, err = run(capsys, "identify", "--model", model, "--trust-code", "--gallery", root / "gallery", "--probes",
                          root / "probes")
     assert code == 0, err
     assert "rank-1 1.0000  rank-5 1.0000" in out
@@ -199,7 +199,7 @@ def test_synthetic_identities_match_a_direct_computation(tmp_path, capsys):
         (folder / "0002.jpg").rename(tmp_path / "probes" / folder.name / "0002.jpg")
     net = PooledProjection()
     model = save_torchscript(net, tmp_path / "random.pt", input_size=32)
-    code, out, err = run(capsys, "identify", "--model", model, "--gallery", tmp_path / "gallery", "--probes",
+    code, out, err = run(capsys, "identify", "--model", model, "--trust-code", "--gallery", tmp_path / "gallery", "--probes",
                          tmp_path / "probes", "--batch-size", "4", "--json")
     assert code == 0, err
     result = json.loads(out)
@@ -302,7 +302,7 @@ def test_bad_input_is_one_error_line(colour_world, capsys, case, message):
         extra = ["--top", "0"]
     elif case == "fpir_zero":
         extra = ["--fpir", "0"]
-    code, out, err = run(capsys, "identify", "--model", model, "--gallery", gallery, "--probes", probes, *extra,
+    code, out, err = run(capsys, "identify", "--model", model, "--trust-code", "--gallery", gallery, "--probes", probes, *extra,
                          "--json")
     assert code == 2 and out == ""
     lines = err.strip().splitlines()

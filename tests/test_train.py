@@ -167,3 +167,19 @@ def test_a_corrupt_image_is_skipped_counted_and_reported(tmp_path):
     assert report["train"]["bad_images"] >= 1
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "bad_images"][:1] == [1]
+
+
+def test_resume_removes_temp_files_of_a_killed_save_and_nothing_else(tmp_path):
+    """A save killed mid-write leaves its temp file; the next run in that directory removes it (only
+    names our saves use), and report.json / config.yaml are written without temp files."""
+    torch.set_num_threads(1)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    ours = [".last.pt.abcd1234.tmp", "last.pt.k2j4h5g6.tmp", ".best.pt.zz_99xy0.tmp"]
+    others = ["notes.tmp", "last.pt.bak", ".last.pt.tmp"]
+    for name in ours + others:
+        (ckpt_dir / name).write_bytes(b"partial")
+    Trainer(tiny("train.max_steps=2", "data.val=[]"), tmp_path, resume=True, console=False).fit()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(others + ["last.pt"])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads((tmp_path / "report.json").read_text())["train"]["steps"] == 2

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, ensure_dir, write_error
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -302,6 +303,20 @@ def imdecode_rgb(data: bytes) -> np.ndarray | None:
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def imwrite_rgb(path: str | Path, image: np.ndarray, params: Sequence[int] = ()) -> Path:
+    """RGB uint8 ``H×W×3`` -> an image file (format from the suffix), written whole or not at all
+    (temp file + rename, `marginface.io.atomic`). A failed encode or write is a `UserError` naming
+    the file (``cv2.imwrite`` would only return False)."""
+    path = Path(path)
+    try:
+        ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image[..., ::-1]), list(params))
+    except cv2.error as exc:
+        raise UserError(f"{path}: cannot encode the image ({str(exc).strip().splitlines()[-1][:200]})") from None
+    if not ok:
+        raise UserError(f"{path}: cannot encode the image")
+    return atomic_write_bytes(path, buf.tobytes(), durable=False)
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
     """JPEG/PNG bytes -> RGB uint8 ``H×W×3``; anything else raises ``UserError`` naming ``where``."""
     if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
@@ -386,9 +401,19 @@ def write_pack(
 
     ``items`` yields ``(encoded_image, label)`` sorted by label, so each identity is one key range.
     """
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    tmp_rec, tmp_idx = dst / "train.rec.tmp", dst / "train.idx.tmp"
+    dst = ensure_dir(dst_dir)
+    # both files are written under temp names and renamed when complete; a failure (full disk,
+    # bad item) removes the temp files and leaves an earlier pack in dst as it was
+    with atomic_path(dst / "train.rec") as tmp_rec, atomic_path(dst / "train.idx") as tmp_idx:
+        try:
+            _write_pack_records(tmp_rec, tmp_idx, items, num_classes)
+        except OSError as exc:
+            raise write_error(dst / "train.rec", exc) from None
+    atomic_write_text(dst / "property", f"{num_classes},{image_size[0]},{image_size[1]}\n")
+    return dst
+
+
+def _write_pack_records(tmp_rec: Path, tmp_idx: Path, items, num_classes: int) -> None:
     ranges: dict[int, list[int]] = {}
     with RecordIOWriter(tmp_rec, tmp_idx) as writer:
         # record 0 must come first in the file; its final value is patched in place below
@@ -412,7 +437,3 @@ def write_pack(
     with open(tmp_rec, "r+b") as f:  # same size as the placeholder, so offsets stay valid
         f.seek(_PART_HEADER.size)
         f.write(pack_record([float(first_identity_key), float(key)], b""))
-    os.replace(tmp_rec, dst / "train.rec")
-    os.replace(tmp_idx, dst / "train.idx")
-    (dst / "property").write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n")
-    return dst

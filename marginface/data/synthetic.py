@@ -280,14 +280,15 @@ def write_synthetic(out: str, identities: int = 100, images_per_identity: int = 
     from pathlib import Path
 
     src = SyntheticSource(identities, images_per_identity, image_size, seed)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    from marginface.data.recordio import imwrite_rgb
+    from marginface.io.atomic import ensure_dir
+
+    root = ensure_dir(out)
     if fmt == "folder":
         for i in range(len(src)):
             label, j = divmod(i, images_per_identity)
-            d = root / f"id{label:06d}"
-            d.mkdir(exist_ok=True)
-            cv2.imwrite(str(d / f"{j:04d}.jpg"), src.read(i)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+            d = ensure_dir(root / f"id{label:06d}")
+            imwrite_rgb(d / f"{j:04d}.jpg", src.read(i), [cv2.IMWRITE_JPEG_QUALITY, 95])  # UserError if it fails
     elif fmt == "rec":
         from marginface.data.recordio import write_pack
 

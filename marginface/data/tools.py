@@ -21,7 +21,9 @@ from marginface.data.sources import (
     read_image_file,
     source_item_name,
 )
+from marginface.data.recordio import imwrite_rgb
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write, atomic_write_bytes, atomic_write_text, ensure_dir
 
 _SOURCE_FORMATS = {
     "RecordIOSource": "recordio",
@@ -168,7 +170,7 @@ def source_to_pack(source: Any, dst: Path, image_size: int | None = None, qualit
     write_pack(dst, items(), int(source.num_classes), (112, 112))
     if not shape:
         raise UserError(f"{source.describe()}: no readable images to convert")
-    (dst / "property").write_text(f"{int(source.num_classes)},{shape[0][0]},{shape[0][1]}\n")
+    atomic_write_text(dst / "property", f"{int(source.num_classes)},{shape[0][0]},{shape[0][1]}\n")
     return {
         "format": "recordio", "path": str(dst), "images": len(order) - len(skipped),
         "identities": int(source.num_classes), "copied_unchanged": copied, "skipped": skipped,
@@ -189,9 +191,9 @@ def pack_to_folder(source: Any, dst: Path) -> dict[str, Any]:
             skipped.append(f"{source_item_name(source, i)}: payload is not a JPEG or PNG image")
             continue
         folder = dst / f"{int(source.labels[i]):0{width}d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_dir(folder)
         suffix = ".png" if data.startswith(b"\x89PNG") else ".jpg"
-        (folder / f"{int(source.keys[i])}{suffix}").write_bytes(data)
+        atomic_write_bytes(folder / f"{int(source.keys[i])}{suffix}", data, durable=False)
     return {"format": "folder", "path": str(dst), "images": len(source) - len(skipped),
             "identities": int(source.num_classes), "skipped": skipped}
 
@@ -201,10 +203,10 @@ def pair_set_to_folder(path: Path, dst: Path) -> dict[str, Any]:
     from marginface.data.verification import load_pair_set
 
     pair_set = load_pair_set(path)
-    (dst / "images").mkdir(parents=True, exist_ok=True)
+    ensure_dir(dst / "images")
     for i, image in enumerate(pair_set.images):  # PNG: the set's images are kept losslessly
-        cv2.imwrite(str(dst / "images" / f"{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    with open(dst / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        imwrite_rgb(dst / "images" / f"{i:05d}.png", image)
+    with atomic_write(dst / "pairs.csv", "w") as f:
         writer = csv.writer(f)
         writer.writerow(["file_x", "file_y"] + (["Decision"] if pair_set.issame is not None else []))
         for k, (a, b) in enumerate(pair_set.pairs.tolist()):
@@ -229,7 +231,7 @@ def convert(src: str | Path, dst: str | Path, image_size: int | None = None, qua
     if str(src) != "synthetic" and _looks_like_pair_set(src_path):
         return pair_set_to_folder(src_path, dst_path)
     source = open_source(src)
-    dst_path.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dst_path)
     if type(source).__name__ == "RecordIOSource":
         return pack_to_folder(source, dst_path)
     return source_to_pack(source, dst_path, image_size, quality)
@@ -264,8 +266,7 @@ def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tu
             report["multiple_faces"].append(f"{rel} ({len(faces)} faces, largest used)")
         crop = align_face(image, faces[0].landmarks, size=size)
         out = dst_path / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
-            raise UserError(f"{out}: cannot write the aligned image")
+        ensure_dir(out.parent)
+        imwrite_rgb(out, crop)  # UserError naming the file when it cannot be written
         report["aligned"] += 1
     return report

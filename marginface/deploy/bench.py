@@ -363,14 +363,15 @@ def onnx_params_and_macs(path: Path) -> tuple[int, int]:
 def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_RUNTIMES,
           threads: Optional[int] = None, runs: int = 100, throughput_runs: int = 10,
           max_seconds: float = 8.0, throughput_batch: int = 32, normalize: Optional[str] = None,
-          embedding_size: Optional[int] = None, input_size: int = 112) -> dict:
+          embedding_size: Optional[int] = None, input_size: int = 112, trust_code: bool = False) -> dict:
     """``{"params", "file_mb", "gmacs", "latency_ms": {rt: {"median", "p90"}}, "throughput_ips":
     {rt: ips}, "threads", ...}`` for a run dir / checkpoint / ONNX file or a random ``backbone``.
 
     ``file_mb`` is the size of the deployable fp32 ONNX file (the given .onnx, or our export of
     a torch model); ``sizes_mb`` adds the int8 file and, for checkpoints, the checkpoint itself.
     Runtimes that cannot run this model (torch for an ONNX file) are left out and listed under
-    ``skipped`` with the reason.
+    ``skipped`` with the reason. ``trust_code``: allow a compiled ``.pt2`` package, which runs
+    native code when opened (see `load_model`).
     """
     from marginface.deploy.export import file_mb, load_source
     from marginface.deploy.load import load_model
@@ -381,6 +382,11 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
     unknown = [r for r in runtimes if r not in builders]
     if unknown:
         raise UserError(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(builders)}")
+    if model_spec is not None:
+        from marginface.io.trust import COMPILED, code_kind, refuse_untrusted
+
+        if code_kind(model_spec) == COMPILED:  # TorchScript is refused by the checkpoint loader
+            refuse_untrusted(model_spec, trust_code)  # before anything opens it
     with tempfile.TemporaryDirectory(prefix="marginface-bench-") as work:
         workdir = Path(work)
         result: dict = {"model": str(model_spec) if model_spec else f"{backbone} (random weights)"}
@@ -388,7 +394,7 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
         spec_path = Path(model_spec) if model_spec else None
         if spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".pt2":
             # a compiled package (`marginface export --format aoti`) runs only as itself
-            package = load_model(spec_path, normalize)
+            package = load_model(spec_path, normalize, trust_code=trust_code)
             hw, ctx = tuple(package._image_shape[1:]), None
             builders = {"compiled-package": lambda _: lambda x: package(torch.from_numpy(x))}
             runtimes = ["compiled-package"]

@@ -180,9 +180,16 @@ class CompiledEmbedder:
         return Path(path)
 
     @classmethod
-    def load(cls, path: Union[str, Path], normalize: Optional[str] = None) -> "CompiledEmbedder":
-        """A package written by `save` (``marginface export --format aoti``), ready to run."""
+    def load(cls, path: Union[str, Path], normalize: Optional[str] = None, *,
+             trust_code: bool = False) -> "CompiledEmbedder":
+        """A package written by `save` (``marginface export --format aoti``), ready to run.
+
+        Opening a package loads the native code in it: refused unless ``trust_code``."""
+        from marginface.io.trust import COMPILED, WHY
+
         path = Path(path)
+        if not trust_code:
+            raise UserError(f"{path}: {WHY[COMPILED]}; pass --trust-code if you trust this file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

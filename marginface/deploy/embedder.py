@@ -108,17 +108,18 @@ class FaceEmbedder:
 
     ``model``: a path for `load_model` or an already loaded embedder. ``detector``: an object with
     ``detect(rgb) -> [Face]`` (default: `MTCNNDetector` from ``detector_weights`` or its usual
-    lookup, built on first use). ``threshold``: overrides the model's own.
+    lookup, built on first use). ``threshold``: overrides the model's own. ``trust_code``: allow
+    TorchScript and compiled ``.pt2`` models, which run code when loaded (see `load_model`).
     """
 
     def __init__(self, model, *, normalize: Optional[str] = None, detector=None,
                  detector_weights: Optional[Union[str, Path]] = None, flip: bool = True,
                  batch_size: int = 32, max_detect_side: int = 1280, pad_fraction: float = 0.25,
-                 threshold: Optional[float] = None, threads: Optional[int] = None):
+                 threshold: Optional[float] = None, threads: Optional[int] = None, trust_code: bool = False):
         from marginface.deploy.load import load_model
 
         if isinstance(model, (str, Path)):
-            model = load_model(model, normalize, threads=threads)
+            model = load_model(model, normalize, threads=threads, trust_code=trust_code)
         elif normalize is not None:
             model.normalize = normalize
         self.model = model

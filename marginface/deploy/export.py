@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_path as io_atomic_path
 
 # Opset 13 is the newest opset that every mobile runtime we target reads (ONNX Runtime Mobile,
 # NCNN/pnnx, MNN, TNN, onnx2tf -> TFLite, Qualcomm QNN/SNPE, TensorRT) and the first with
@@ -68,31 +68,13 @@ METADATA_KEYS = {
 @contextlib.contextmanager
 def atomic_path(out: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it is fsynced and renamed to ``out``,
-    on any error it is removed and ``out`` is untouched."""
+    on any error it is removed and ``out`` is untouched (`marginface.io.atomic.atomic_path`; a
+    failed write, e.g. a full disk, is a `UserError` naming ``out``)."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a directory; give a file name for the exported model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with io_atomic_path(out) as tmp:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def file_mb(path: Union[str, Path]) -> float:
@@ -269,9 +251,11 @@ def export_torchscript(model: torch.nn.Module, out: Union[str, Path], *, metadat
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(folded, example, check_trace=False)
         frozen = torch.jit.freeze(traced.eval())
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(frozen, str(tmp), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
+        # to a file object: torch writes the bytes with handle.write, so a full disk is an OSError
+        # (one error line naming out) rather than an opaque RuntimeError from its C++ writer
+        torch.jit.save(frozen, handle, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
     return Path(out)
 
 
@@ -368,14 +352,16 @@ def _finish_report(report: dict, model, out: Path, check: bool) -> dict:
 
     report["file_mb"] = file_mb(out)
     if check:
-        report["parity"] = check_parity(model, out)
-    loaded = load_model(out, threads=1)
+        report["parity"] = check_parity(model, out, trust_code=True)  # the file we have just written
+    loaded = load_model(out, threads=1, trust_code=True)  # the file we have just written
     report["metadata"] = dict(getattr(loaded, "metadata", {}))
     return report
 
 
-def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Optional[np.ndarray] = None) -> dict:
-    """Raw embeddings of PyTorch vs the exported file on ``images`` (default: 16 synthetic faces)."""
+def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Optional[np.ndarray] = None, *,
+                 trust_code: bool = False) -> dict:
+    """Raw embeddings of PyTorch vs the exported file on ``images`` (default: 16 synthetic faces).
+    ``trust_code``: the file may be TorchScript or a compiled package (see `load_model`)."""
     from marginface.data.transforms import to_tensor
     from marginface.deploy.load import load_model
 
@@ -384,5 +370,5 @@ def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Opt
     x = to_tensor(images, getattr(model, "normalize", "arcface"))
     with torch.no_grad():
         reference = model.eval()(x).numpy()
-        other = torch.as_tensor(load_model(exported, threads=1)(x)).numpy()
+        other = torch.as_tensor(load_model(exported, threads=1, trust_code=trust_code)(x)).numpy()
     return compare_embeddings(reference, other)

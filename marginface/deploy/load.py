@@ -12,18 +12,22 @@ recognition model, and returns a callable embedder
   ``last_eval`` or the export's metadata; None when the model carries none;
 - ``threshold_source``: which eval set it came from;
 - ``model_path``: the file that was loaded.
+
+TorchScript archives and compiled packages run code when loaded (`marginface.io.trust`): they are
+refused, before anything in them is read by torch, unless ``trust_code=True`` (``--trust-code``).
+Checkpoints load with ``torch.load(weights_only=True)`` and ONNX files with ONNX Runtime: no code.
 """
 from __future__ import annotations
 
 import json
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from marginface.errors import UserError
+from marginface.io.trust import COMPILED, TORCHSCRIPT, code_kind, refuse_untrusted
 
 NORMALIZE_NAMES = ("arcface", "imagenet")
 TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
@@ -108,12 +112,9 @@ def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zips holding ``<name>/code/`` (checkpoints hold ``data.pkl`` only)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any("/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    """TorchScript archives are zips holding ``<name>/code/`` (checkpoints hold ``data.pkl`` only);
+    read from the zip's member names only."""
+    return code_kind(path) == TORCHSCRIPT
 
 
 def _looks_like_onnx(path: Path) -> bool:
@@ -123,8 +124,12 @@ def _looks_like_onnx(path: Path) -> bool:
 class TorchScriptEmbedder(torch.nn.Module):
     """Our TorchScript export (``marginface export --format torchscript``) with its metadata."""
 
-    def __init__(self, path: Path, normalize: Optional[str] = None):
+    def __init__(self, path: Path, normalize: Optional[str] = None, *, trust_code: bool = False):
         super().__init__()
+        if not trust_code:  # torch.jit.load runs the archive's code
+            from marginface.io.trust import WHY
+
+            raise UserError(f"{path}: {WHY[TORCHSCRIPT]}; pass --trust-code if you trust this file")
         extra = {TORCHSCRIPT_EXTRA: ""}
         try:
             with warnings.catch_warnings():
@@ -151,27 +156,30 @@ class TorchScriptEmbedder(torch.nn.Module):
 
 
 def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *,
-               threads: Optional[int] = None, prefer: str = "best"):
+               threads: Optional[int] = None, prefer: str = "best", trust_code: bool = False):
     """Any supported model -> a callable embedder (see the module docstring).
 
     ``threads`` sets ONNX Runtime's intra-op threads for ONNX models (None: its default).
+    ``trust_code``: allow TorchScript archives and compiled ``.pt2`` packages, which run code
+    when loaded; without it they raise `UserError` before torch opens them.
     """
     _check_normalize(normalize)
     path = Path(path_or_run)
     if not path.exists():
         raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")
+    kind = refuse_untrusted(path, trust_code)  # before any torch/ONNX Runtime code touches the file
     if path.is_file() and _looks_like_onnx(path):
         from marginface.deploy.onnx_model import OnnxEmbedder
 
         model = OnnxEmbedder(path, normalize, threads=threads)
         model.model_path = str(path)
         return model
-    if path.is_file() and path.suffix.lower() == ".pt2":
+    if kind == COMPILED:
         from marginface.deploy.compiled import CompiledEmbedder
 
-        return CompiledEmbedder.load(path, normalize)
-    if path.is_file() and is_torchscript(path):
-        return TorchScriptEmbedder(path, normalize)
+        return CompiledEmbedder.load(path, normalize, trust_code=trust_code)
+    if kind == TORCHSCRIPT:
+        return TorchScriptEmbedder(path, normalize, trust_code=trust_code)
     model = load_checkpoint_model(path, prefer)
     if normalize is not None:
         model.normalize = normalize

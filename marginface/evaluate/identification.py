@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write, atomic_write_text, ensure_dir
 from marginface.evaluate.metrics import far_key
 
 Device = Union[str, torch.device]
@@ -362,17 +362,10 @@ def save_features(out: Union[str, Path], features: np.ndarray, files: Sequence[P
         raise UserError(f"--out {out}: the feature file must end in .npy")
     if len(features) != len(files):
         raise ValueError(f"{len(features)} feature rows for {len(files)} files")
-    out.parent.mkdir(parents=True, exist_ok=True)
     listing = out.with_name(out.name[:-4] + ".txt")
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to the temporary name
+    with atomic_write(out, "wb") as handle:  # a handle: np.save would append ".npy" to a temp name
         np.save(handle, np.ascontiguousarray(features, dtype=np.float32))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out)
-    from marginface.evaluate.report import write_atomic
-
-    write_atomic(listing, "".join(f"{p}\n" for p in files))
+    atomic_write_text(listing, "".join(f"{p}\n" for p in files))
     return {"features": str(out), "files": str(listing)}
 
 
@@ -483,8 +476,7 @@ def write_identification_report(out_dir: Union[str, Path], result: dict) -> dict
     """``identification.json`` and ``identification.md`` in ``out_dir``, each written atomically."""
     from marginface.evaluate.report import json_safe, write_atomic
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     json_path, md_path = out / "identification.json", out / "identification.md"
     write_atomic(json_path, json.dumps(json_safe(result), indent=2) + "\n")
     src = result["sources"]

@@ -82,12 +82,7 @@ def plot_roc(path: Path, curves: Optional[Curves] = None, reports: Optional[Mapp
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_score_histograms(path: Path, curves: Curves, thresholds: Optional[Mapping[str, float]] = None,
@@ -118,9 +113,18 @@ def plot_score_histograms(path: Path, curves: Curves, thresholds: Optional[Mappi
         ax.legend(fontsize="x-small")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
+    """``fig`` as PNG into ``path`` atomically (no half-written image on a full disk), then closed."""
+    from marginface.io.atomic import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as handle:
+            fig.savefig(handle, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path

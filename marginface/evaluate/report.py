@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write_text, ensure_dir
 from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, verification_metrics
 
 Curves = dict  # set name -> (scores, issame)
@@ -155,14 +155,9 @@ def json_safe(obj):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to ``<name>.tmp`` beside ``path``, fsync, then rename: a crash or power loss never
-    leaves half a file (the rename lands only after the data is on disk)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """``text`` into ``path`` atomically (`marginface.io.atomic`): a crash, kill or full disk never
+    leaves half a file or a temp file; a failed write is a `UserError` naming ``path``."""
+    atomic_write_text(path, text)
 
 
 def load_report(path: Union[str, Path]) -> dict:
@@ -347,8 +342,7 @@ def write_report(out_dir: Union[str, Path], report: Mapping, curves: Optional[Cu
     ``curves`` maps set names to ``(scores, issame)``; sets without one are plotted from the
     operating points in ``report["eval"]`` and get no histogram.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     report = json_safe(dict(report))
     write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     results = report.get("eval") or {}

@@ -1,45 +1,47 @@
 """Atomic checkpoints: write a temp file, fsync, rename; load with torch's restricted unpickler.
 
-A crash (even SIGKILL) mid-write leaves the previous checkpoint intact: the rename is the commit.
+A crash (even SIGKILL) mid-write leaves the previous checkpoint intact: the rename is the commit
+(`marginface.io.atomic`); the temp file such a kill leaves is removed by the next save or resume.
 Loading uses ``weights_only=True`` so a checkpoint can hold tensors, numbers, strings and
 containers only; nothing in it can run code.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_save_torch, remove_stale_temps
+from marginface.io.trust import WHY, code_kind
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` ``obj`` to ``path`` atomically (`marginface.io.atomic.atomic_save_torch`):
+    temp files a killed save left beside it are removed first; a failed write (full disk) is a
+    `UserError` naming the file, and the previous checkpoint stays."""
+    atomic_save_torch(obj, path)
+
+
+def remove_stale_checkpoint_temps(ckpt_dir: Path) -> list[Path]:
+    """The temp files saves of ``ckpt_dir/*.pt`` killed mid-write left behind (ours only)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed: list[Path] = []
+    for ckpt in {p.name for p in ckpt_dir.iterdir() if p.suffix == ".pt"} | {"last.pt", "best.pt"}:
+        removed += remove_stale_temps(ckpt_dir / ckpt)
+    return removed
 
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    kind = code_kind(path)  # zip member names only; torch.load would hand TorchScript to torch.jit.load
+    if kind is not None:
+        raise UserError(f"{path}: {WHY[kind]}; not a training checkpoint (give a run directory or a .pt checkpoint)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one clear line

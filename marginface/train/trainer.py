@@ -7,7 +7,6 @@ report.json; it is everything needed to reproduce or resume the run.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -21,7 +20,8 @@ from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
 from marginface.train import distributed, setup
 from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
-from marginface.train.checkpoint import load_checkpoint, save_atomic
+from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
 from marginface.train.loggers import RunLogger, format_table
 from marginface.train.schedule import lr_factor
 
@@ -327,13 +327,15 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.run_dir)
         self._t_start = time.time()
         last = self.ckpt_dir / "last.pt"
+        if self.dist.is_main:  # temp files of a save a kill interrupted (ours only; nothing is saving now)
+            remove_stale_checkpoint_temps(self.ckpt_dir)
         if self.resume and last.is_file():
             self.load(last)
         if self.dist.is_main:  # rank 0 owns the run directory's files; the others log nowhere
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console)
         else:
             self.logger = distributed.NullLogger()
@@ -468,9 +470,7 @@ class Trainer:
         }
         if not self.dist.is_main:
             return report
-        tmp = self.run_dir / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(self.run_dir / "report.json")
+        atomic_write_json(self.run_dir / "report.json", report)
         from marginface.evaluate.report import write_report
 
         write_report(self.run_dir, report)  # report.md and the ROC plot beside report.json

@@ -2,13 +2,16 @@
 
 The weights are the P-Net/R-Net/O-Net state_dicts shipped in ``facenet_pytorch/data/`` of the
 ``facenet-pytorch==2.6.0`` wheel (MIT). We take the wheel with pip (so the user's index, proxy and
-certificates apply), pull the three files out of the zip, check their SHA-256 and move them into
-the cache in one rename, so a half-finished download never looks like a valid cache.
+certificates apply), pull the three files out of the zip and check their SHA-256 before anything
+is written; then each file is written atomically into the cache folder (temp file, rename), so a
+half-finished download never looks like a valid weight file. Nothing else in that folder is
+touched: it may be a folder the user keeps other files in.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write_bytes, write_error
 
 WHEEL_REQUIREMENT = "facenet-pytorch==2.6.0"
 WHEEL_DATA_DIR = "facenet_pytorch/data"
@@ -90,13 +94,16 @@ def fetch_mtcnn_weights(cache_dir: str | Path | None = None, download: Downloade
         sha256_of((target / n).read_bytes()) == digest for n, digest in MTCNN_SHA256.items()
     ):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".mtcnn-fetch-", dir=target.parent) as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "download").mkdir()
-        wheel = download(tmp_path / "download")
-        staged = tmp_path / "weights"
-        staged.mkdir()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is not a folder; give a folder for the MTCNN weights")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        download_dir = tempfile.mkdtemp(prefix=".mtcnn-fetch-", dir=target.parent)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    try:
+        wheel = download(Path(download_dir))
+        verified: dict[str, bytes] = {}
         try:
             with zipfile.ZipFile(wheel) as zf:
                 for name, digest in MTCNN_SHA256.items():
@@ -107,13 +114,19 @@ def fetch_mtcnn_weights(cache_dir: str | Path | None = None, download: Downloade
                         raise UserError(f"{wheel.name}: has no {member}") from None
                     if sha256_of(data) != digest:
                         raise UserError(f"{wheel.name}: {member} has SHA-256 {sha256_of(data)[:16]}..., expected {digest[:16]}...")
-                    (staged / name).write_bytes(data)
+                    verified[name] = data
         except zipfile.BadZipFile:
             raise UserError(f"{wheel}: not a valid wheel (zip) file") from None
-        if target.exists():
-            stale = tmp_path / "stale"
-            os.replace(target, stale)  # moved into tmp, removed with it
-        os.replace(staged, target)
+    finally:
+        shutil.rmtree(download_dir, ignore_errors=True)  # the folder we made; nothing else
+    # Only our three files go into the target, each by its own atomic rename: whatever else the
+    # folder holds stays as it is.
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    for name, data in verified.items():
+        atomic_write_bytes(target / name, data)
     return target
 
 
