@@ -33,6 +33,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the file private, unlike a plain write
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -129,8 +132,9 @@ def alternatives_hint(run_dir: Path, broken: Path) -> str:
     return ""
 
 
-def truncate_log(path: Path, step: int) -> int:
-    """Drop the lines of ``log.jsonl`` past ``step`` (and a torn last line); returns how many went."""
+def truncate_log(path: Path, step: int, evaluated: bool = True) -> int:
+    """Drop the lines of ``log.jsonl`` past ``step`` (and a torn last line), and with ``evaluated`` False
+    the evaluation at ``step`` too (the checkpoint predates it; it runs again); returns how many went."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -138,7 +142,8 @@ def truncate_log(path: Path, step: int) -> int:
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            late = int(record.get("step", 0)) > step
+            at = int(record.get("step", 0))
+            late = at > step or (at == step and not evaluated and record.get("kind") == "eval")
         except (ValueError, TypeError, AttributeError):
             late = True  # a line torn by a kill mid-write
         if late:

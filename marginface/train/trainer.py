@@ -473,7 +473,8 @@ class Trainer:
             except UserError as exc:
                 raise UserError(f"{exc}{rundir.alternatives_hint(self.run_dir, path)}") from None
         if self.dist.is_main:
-            rundir.truncate_log(self.run_dir / "log.jsonl", self.step)  # those steps are trained again
+            # those steps are trained (and evaluated) again
+            rundir.truncate_log(self.run_dir / "log.jsonl", self.step, evaluated=self.last_eval_step == self.step)
             self._adopt_best_on_disk(path)
 
     def _adopt_best_on_disk(self, loaded: Optional[Path]) -> None:
