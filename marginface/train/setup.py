@@ -168,7 +168,7 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
     from marginface.data.verification import load_pair_set
 
     detector = None
-    if cfg.val_align == "detect":
+    if cfg.val_align == "detect" and any(spec != "synthetic" for spec in cfg.val):  # no sets, no detector
         from marginface.data.detect import build_detector
 
         detector = build_detector("mtcnn")
