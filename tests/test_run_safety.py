@@ -316,6 +316,7 @@ def _check_exact_end(run: Path, max_steps: int) -> None:
     assert log_steps(run) == list(range(1, max_steps + 1))  # each step once: none lost, none twice
     assert log_steps(run, "eval") == list(range(5, max_steps + 1, 5))
     assert json.loads((run / "report.json").read_text())["train"]["steps"] == max_steps
+    assert not list((run / "checkpoints").glob("*.tmp*"))  # what killed writes left was cleared on resume
 
 
 def test_fault_injection_5_kills(tmp_path):

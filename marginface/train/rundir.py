@@ -132,6 +132,18 @@ def alternatives_hint(run_dir: Path, broken: Path) -> str:
     return ""
 
 
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete what killed atomic writes left behind (their temp files; the real files are intact).
+    Only for the run's own process (rank 0) at start-up, when nothing else writes there."""
+    run_dir = Path(run_dir)
+    stale = [*(run_dir / "checkpoints").glob("*.tmp*"),
+             *(p for name in ("config.yaml", "log.jsonl", "report.json") for p in run_dir.glob(f"{name}.*tmp*"))]
+    for p in stale:
+        if p.is_file():
+            p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def truncate_log(path: Path, step: int, evaluated: bool = True) -> int:
     """Drop the lines of ``log.jsonl`` past ``step`` (and a torn last line), and with ``evaluated`` False
     the evaluation at ``step`` too (the checkpoint predates it; it runs again); returns how many went."""

@@ -171,7 +171,8 @@ class Trainer:
         self.train_seconds = 0.0  # time inside training steps only (no evaluation, no start-up)
         # the state the guard checks after every update, and the BatchNorm statistics a skipped step restores
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._buffers = [b for b in self.backbone.buffers()]
+        self._buffers = [*self.backbone.buffers(), *self.head.buffers(),
+                         *(self.center.buffers() if self.center is not None else ())]
         self._buffer_backup = [b.detach().clone() for b in self._buffers]
         self._weights_broken = False
 
@@ -235,9 +236,7 @@ class Trainer:
 
     def _state_finite(self) -> bool:
         """Weights, buffers and optimizer state all finite (on every rank)."""
-        tensors = [*self._params, *self._buffers, *self.head.buffers()]
-        if self.center is not None:
-            tensors += list(self.center.buffers())
+        tensors = [*self._params, *self._buffers]
         for st in self.optimizer.state.values():
             tensors += [v for v in st.values() if torch.is_tensor(v)]
         bad = not all_finite(tensors)
@@ -473,6 +472,7 @@ class Trainer:
             except UserError as exc:
                 raise UserError(f"{exc}{rundir.alternatives_hint(self.run_dir, path)}") from None
         if self.dist.is_main:
+            rundir.remove_stale_temp_files(self.run_dir)  # a kill mid-write leaves one behind
             # those steps are trained (and evaluated) again
             rundir.truncate_log(self.run_dir / "log.jsonl", self.step, evaluated=self.last_eval_step == self.step)
             self._adopt_best_on_disk(path)
