@@ -37,12 +37,20 @@ class TrainingDiverged(UserError):
 
 
 def all_finite(tensors) -> bool:
-    """True when every floating-point tensor holds only finite numbers (one sync per device)."""
-    flags: dict = {}
+    """True when every floating-point tensor holds only finite numbers (one sync per device).
+
+    The max-abs norm of each tensor is inf or NaN exactly when an entry is (it cannot overflow, unlike
+    the 2-norm of huge finite weights); ``_foreach_norm`` computes them all in a few kernels, which
+    clip_grad_norm_ uses too."""
+    groups: dict = {}
     for t in tensors:
         if torch.is_tensor(t) and t.is_floating_point() and t.numel():
-            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
+            groups.setdefault(t.device, []).append(t.detach())
+    for ts in groups.values():
+        norms = torch._foreach_norm(ts, float("inf"))
+        if not bool(torch.stack(norms).isfinite().all()):
+            return False
+    return True
 
 
 def check_best_metric(spec: str, val_sets: list) -> str:
@@ -329,9 +337,8 @@ class Trainer:
         (the forward pass of a diverging batch would otherwise leave them non-finite). After an update,
         ``self._weights_broken`` says whether it left a non-finite weight."""
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for saved, b in zip(self._buffer_backup, self._buffers):
-                saved.copy_(b)
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_backup, self._buffers)
         begin = getattr(self.head, "begin_step", None)
         if begin is not None:
             begin(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
@@ -374,9 +381,9 @@ class Trainer:
         return total, stats, True
 
     def _restore_buffers(self) -> None:
-        with torch.no_grad():
-            for b, saved in zip(self._buffers, self._buffer_backup):
-                b.copy_(saved)
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._buffer_backup)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
