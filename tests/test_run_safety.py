@@ -123,6 +123,11 @@ def test_resume_with_an_empty_config_yaml_uses_the_checkpoints_config(tmp_path, 
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
     assert load_config(str(run / "config.yaml")).model.embedding_size == 48  # rewritten, whole
     assert oct((run / "config.yaml").stat().st_mode & 0o044) == oct(0o044 & ~_umask())
+    # a config the checkpoint does not fit: one line, not a size-mismatch traceback
+    capsys.readouterr()
+    rc = cli.main(["train", "--out", str(run), "--resume", "--set", "train.max_steps=6", "model.embedding_size=32"])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "last.pt: does not fit this run's config" in line
 
 
 def _umask() -> int:
