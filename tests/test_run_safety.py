@@ -274,6 +274,24 @@ def test_sigterm_during_a_long_evaluation_stops_within_seconds(tmp_path):
     assert "during the evaluation at step 2" in err
     assert load_checkpoint(last)["step"] == 2
     assert not log_steps(run, "eval")
+    # resumed (with a quicker evaluation): the interrupted evaluation comes first, then training goes on
+    proc = start(run, *long_eval, "eval.batch_size=256", resume=True, stderr=subprocess.PIPE)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err
+    assert log_steps(run, "eval") == [2, 4] and log_steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    from marginface.train.rundir import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    lines = [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}, {"kind": "eval", "step": 2},
+             {"kind": "train", "step": 3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')  # torn by a kill
+    assert truncate_log(log, 2) == 2
+    assert [json.loads(x) for x in log.read_text().splitlines()] == lines[:3]
+    assert truncate_log(log, 2, evaluated=False) == 1  # the checkpoint predates the evaluation at step 2
+    assert [json.loads(x) for x in log.read_text().splitlines()] == lines[:2]
 
 
 # ---------------------------------------------------------------------------------- fault injection
