@@ -232,12 +232,46 @@ def test_bad_run_settings_fail_at_start_up_in_one_line(override, expect, dry_run
 
 
 # ---------------------------------------------------------------------------------- signals
-def test_a_second_signal_leaves_at_once(tmp_path):
-    trainer = Trainer(load_config(None, TINY + ["data.val=[]"]), tmp_path / "run", console=False)
-    trainer._on_signal(signal.SIGINT, None)  # the first only asks the loop to stop after this step
-    assert trainer._stop_signal == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-        trainer._on_signal(signal.SIGINT, None)
+SLOW_STEP = """
+import sys, time
+from marginface.config import load_config
+from marginface.train.trainer import Trainer
+trainer = Trainer(load_config(None, sys.argv[2:]), sys.argv[1], console=False)
+step = trainer._train_step
+def slow_step(micro):  # the 3rd step takes 60 s (a huge model, a stuck data read)
+    out = step(micro)
+    if trainer.step == 2:
+        print("slow step", flush=True)
+        time.sleep(60)
+    return out
+trainer._train_step = slow_step
+try:
+    trainer.fit()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, str(run), *TINY, "data.val=[]", "train.max_steps=5",
+                             "train.checkpoint_every=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ENV, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "slow step", proc.stderr.read()
+        proc.send_signal(signal.SIGINT)  # the first asks for a stop after this step...
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)  # ...the second leaves now
+        proc.wait(timeout=10)
+        waited = time.time() - t0
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert proc.returncode == 130, err
+    assert waited < 3, f"took {waited:.1f} s after the second Ctrl-C"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
 
 
 def start(out: Path, *sets: str, resume: bool = False, stderr=subprocess.DEVNULL) -> subprocess.Popen:
