@@ -15,7 +15,6 @@ import torch
 
 from marginface import cli
 from marginface.config import load_config
-from marginface.errors import UserError
 from marginface.train.checkpoint import load_checkpoint
 from marginface.train.trainer import Trainer, TrainingDiverged
 

@@ -19,9 +19,9 @@ import torch
 from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.train import distributed, rundir, setup
-from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
 from marginface.evaluate.runner import EvaluationStopped
+from marginface.train import distributed, rundir, setup
+from marginface.train.batches import InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, save_atomic
 from marginface.train.loggers import RunLogger, format_table
 from marginface.train.schedule import lr_factor
