@@ -19,7 +19,6 @@ import torch
 from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.evaluate.runner import EvaluationStopped
 from marginface.train import distributed, rundir, setup
 from marginface.train.batches import InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, save_atomic
@@ -407,6 +406,8 @@ class Trainer:
 
         A signal during the evaluation stops it within one batch: the run exits (KeyboardInterrupt) with
         checkpoints/last.pt as saved just before the evaluation, which the resumed run evaluates first."""
+        from marginface.evaluate.runner import EvaluationStopped
+
         results = None
         if self.dist.is_main:
             try:
