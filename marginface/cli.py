@@ -46,27 +46,70 @@ def _pick_run_dir(out: str | None, name: str, resume: bool) -> Path:
     return path
 
 
+def _run_config(run_dir: Path, checkpoint, overrides: list):
+    """The config of the run being resumed: its config.yaml; when that is empty or unreadable (a kill while
+    it was written by an older version), the config saved in the checkpoint, with a note."""
+    from marginface.config import config_from_dict, load_config, read_config_file
+    from marginface.train import rundir
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        if checkpoint is None:
+            return load_config(None, overrides)  # killed before it was written: nothing trained either
+        problem = "is missing"
+    else:
+        try:
+            problem = "" if read_config_file(str(path)) else "is empty"
+        except UserError as exc:
+            problem = f"is unreadable ({exc})"
+        if not problem:
+            return load_config(str(path), overrides)
+    saved = (rundir.peek(checkpoint) or {}).get("config") if checkpoint is not None else None
+    if not saved:
+        where = f" nor a config in {checkpoint}" if checkpoint is not None else " and no checkpoint holds one"
+        raise UserError(f"--resume: {path} {problem}{where}; pass the run's config with --config")
+    _note(f"{path} {problem}; resuming with the config saved in {checkpoint}")
+    return config_from_dict(saved, overrides, where=f"{checkpoint}: ")
+
+
 def cmd_train(args) -> int:
     from marginface.config import load_config
+    from marginface.train import rundir
     from marginface.train.trainer import Trainer
 
-    config_path = args.config
-    if args.resume and not config_path and args.out and (Path(args.out) / "config.yaml").is_file():
-        config_path = str(Path(args.out) / "config.yaml")  # resume with the run's own resolved config
-    cfg = load_config(config_path, args.set or [])
-    if args.resume and not args.config and not args.out:
-        run_dir = _pick_run_dir(None, cfg.name, True)
-        cfg = load_config(str(run_dir / "config.yaml"), args.set or [])
+    overrides = args.set or []
+    resume_from = Path(args.resume_from) if args.resume_from else None
+    resume = args.resume or resume_from is not None
+    if args.overwrite and resume:
+        raise UserError("--overwrite starts the run afresh; it cannot be combined with --resume/--resume-from")
+    if resume:
+        if resume_from is not None:
+            if not resume_from.is_file():
+                raise UserError(f"--resume-from {resume_from}: checkpoint not found")
+            if not args.out and resume_from.parent.name != "checkpoints":
+                raise UserError(f"--resume-from {resume_from}: name the run directory to continue with --out")
+            run_dir = Path(args.out) if args.out else resume_from.parent.parent
+        elif args.out:
+            run_dir = Path(args.out)
+        else:  # the newest run of this config's name
+            run_dir = _pick_run_dir(None, load_config(args.config, overrides).name, True)
+        checkpoint = resume_from or rundir.resume_checkpoint(run_dir)  # refuses: checkpoints but no last.pt
+        cfg = load_config(args.config, overrides) if args.config else _run_config(run_dir, checkpoint, overrides)
     else:
-        run_dir = _pick_run_dir(args.out, cfg.name, args.resume)
+        cfg = load_config(args.config, overrides)
+        run_dir = _pick_run_dir(args.out, cfg.name, False)
+        rundir.require_fresh(run_dir, args.overwrite, dry_run=True)  # refuse now; the trainer clears it
     if args.dry_run:
         return _dry_run(cfg, run_dir, args.json)
-    trainer = Trainer(cfg, run_dir, resume=args.resume, console=not args.json)
     try:
+        trainer = Trainer(cfg, run_dir, resume=resume, resume_from=resume_from, overwrite=args.overwrite,
+                          console=not args.json)
         report = trainer.fit()
     except KeyboardInterrupt:
-        print(f"interrupted: state saved in {run_dir}/checkpoints/last.pt; continue with "
-              f"marginface train --out {run_dir} --resume", file=sys.stderr)
+        last = run_dir / "checkpoints" / "last.pt"
+        info = rundir.peek(last) if last.is_file() else None
+        saved = f"state saved in {last} (step {info['step']})" if info else "no checkpoint was written yet"
+        print(f"interrupted: {saved}; continue with marginface train --out {run_dir} --resume", file=sys.stderr)
         return 130
     if not trainer.dist.is_main:  # under torchrun only rank 0 reports
         return 0
@@ -86,6 +129,11 @@ def _dry_run(cfg, run_dir: Path, as_json: bool) -> int:
     from marginface.train import setup
 
     source = setup.build_train_source(cfg.data, cfg.model.input_size)
+    setup.build_batch_order(cfg, source)  # a batch larger than the data fails here as it would in training
+    val_sets = setup.build_val_sets(cfg.data, cfg.model.input_size)  # missing or unreadable sets fail now
+    from marginface.train.trainer import check_best_metric
+
+    best_metric = check_best_metric(cfg.eval.best_metric, val_sets)
     backbone = setup.build_model(cfg.model)
     n = min(cfg.train.batch_size, len(source))
     from marginface.data.dataset import FaceDataset  # the training pipeline: decode + resize to the input size
@@ -100,6 +148,7 @@ def _dry_run(cfg, run_dir: Path, as_json: bool) -> int:
         "backbone_params": count_parameters(backbone),
         "classifier_mb": source.num_classes * cfg.model.embedding_size * 4 / 2**20,
         "first_batch": {"images": list(first.shape), "embeddings": [n, emb.shape[1]]},
+        "val": [{"name": ps.name, "pairs": len(ps)} for ps in val_sets], "best_metric": best_metric,
     }
     if as_json:
         _print_json(summary)
@@ -688,7 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Python and runs with your permissions: use only files you trust")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=0.05")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest runs/<name>*) from its checkpoints/last.pt")
+    t.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue the run from this checkpoint (e.g. RUN/checkpoints/best.pt when last.pt is lost); "
+                        "the run directory is --out or the checkpoint's own")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run: deletes its checkpoints, log and report")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model summary, then exit")
     t.add_argument("--json", action="store_true", help="print the final report as one JSON object")
     t.set_defaults(func=cmd_train)

@@ -6,6 +6,7 @@ naming the nearest valid one, a value of the wrong type fails naming the key and
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import runpy
@@ -305,7 +306,12 @@ def read_config_file(path: str) -> dict:
 def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The resolved config: defaults <- file <- ``key=value`` overrides, then validated."""
     data = read_config_file(path) if path else {}
-    where = f"{path}: " if path else ""
+    return config_from_dict(data, overrides, where=f"{path}: " if path else "")
+
+
+def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: str = "") -> Config:
+    """`load_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
+    data = copy.deepcopy(data)
     # check the file alone first so its errors name the file
     from_dict(Config, data, where=where)
     for text in overrides:
@@ -325,6 +331,9 @@ def validate(cfg: Config) -> None:
 
     need(cfg.train.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
+    need(cfg.train.log_every >= 1, f"config key 'train.log_every' must be >= 1, got {cfg.train.log_every}")
+    need(cfg.train.checkpoint_every >= 1,
+         f"config key 'train.checkpoint_every' must be >= 1, got {cfg.train.checkpoint_every}")
     need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.name in ("sgd", "adamw"), f"config key 'optim.name' must be sgd or adamw, got {cfg.optim.name!r}")
     need(cfg.schedule.name in ("poly", "cosine", "step", "constant"),

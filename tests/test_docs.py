@@ -13,8 +13,9 @@ Convention (for everyone writing README.md and docs/*.md):
 * ``marginface train ...`` additionally runs with ``--dry-run`` in this process: the config file
   must load, every ``--set`` key and value must validate, and the model must build and run one
   batch. The data is replaced by a stand-in (``data.train=synthetic`` with 4 tiny identities,
-  ``data.val=[]``, ``model.input_size=32``, ``model.pretrained=null``), ``--out`` by a temporary
-  directory and ``--resume`` is dropped; so a command that needs real data or GPUs still checks.
+  ``data.val=[]``, ``model.input_size=32``, ``model.pretrained=null``, and ``train.batch_size=8`` so one
+  batch fits the stand-in, as --dry-run checks), ``--out`` by a temporary
+  directory and ``--resume`` / ``--resume-from`` are dropped; so a command that needs real data or GPUs still checks.
 * Any other command (pip, tensorboard, bash, python scripts) is not run, but every path in it under
   the repository's own folders (configs/, docs/, benchmarks/, tests/, marginface/, .ci/, scripts/)
   must exist, as must the targets of relative Markdown links.
@@ -38,7 +39,8 @@ REPO_DIRS = ("configs/", "docs/", "benchmarks/", "tests/", "marginface/", ".ci/"
 FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```", re.M | re.S)
 SEPARATORS = {"&&", "||", ";", "|"}
 STAND_IN = ["data.train=synthetic", "data.val=[]", "data.synthetic.identities=4",
-            "data.synthetic.images_per_identity=2", "model.input_size=32", "model.pretrained=null"]
+            "data.synthetic.images_per_identity=2", "model.input_size=32", "model.pretrained=null",
+            "train.batch_size=8"]
 
 
 def shell_commands(path: Path) -> list:
@@ -99,17 +101,17 @@ def repo_paths(argv: list) -> list:
 
 
 def dry_run_argv(argv: list, tmp_path: Path) -> list:
-    """A train command made runnable here: --dry-run --json, stand-in data, no --resume, tmp --out."""
+    """A train command made runnable here: --dry-run --json, stand-in data, no --resume(-from), tmp --out."""
     out, i = [], 0
     while i < len(argv):
         token = argv[i]
         if token == "--resume":
             i += 1
             continue
-        if token == "--out":
+        if token in ("--out", "--resume-from"):
             i += 2
             continue
-        if token.startswith("--out="):
+        if token.startswith(("--out=", "--resume-from=")):
             i += 1
             continue
         out.append(token)

@@ -235,9 +235,10 @@ def test_every_recipe_has_stand_ins_and_a_docs_section():
 
 @pytest.mark.parametrize("recipe", [p.stem for p in RECIPES])
 def test_dry_run_with_the_recipes_own_model(recipe, data, capsys):
-    """--dry-run of the recipe as written (full-size network, 112 px), data replaced by stand-ins."""
+    """--dry-run of the recipe as written (full-size network, 112 px), data replaced by stand-ins (and the
+    batch by one they hold: --dry-run refuses a batch larger than the data, as training would)."""
     assert run("train", "--config", ROOT / "configs" / f"{recipe}.yaml", "--dry-run", "--json",
-               "--set", *stand_in_sets(recipe, data)) == 0
+               "--set", *stand_in_sets(recipe, data), "train.batch_size=16") == 0
     summary = json.loads(capsys.readouterr().out)
     cfg = load_config(str(ROOT / "configs" / f"{recipe}.yaml"))
     assert summary["config"]["model"]["backbone"] == cfg.model.backbone

@@ -23,6 +23,10 @@ from marginface.evaluate.metrics import verification_metrics
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
+class EvaluationStopped(Exception):
+    """The ``stop`` callable of an evaluation said stop (checked between batches)."""
+
+
 def _target_hw(model: Model) -> Optional[tuple[int, int]]:
     size = getattr(model, "input_size", None)
     if size is None:
@@ -93,11 +97,13 @@ def embed_views(
     normalize: str = "arcface",
     amp_dtype: Optional[torch.dtype] = None,
     optimize: bool = True,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Embeddings of the images and (with ``flip``) of their mirror images, each ``N×D`` float32.
 
     ``optimize`` takes the fast path of `_inference_model` (fp32 throughout; ``optimize=False``
-    calls the model exactly as given).
+    calls the model exactly as given). ``stop`` is asked before each batch; when it returns True
+    the embedding ends with `EvaluationStopped` (the trainer's stop signal).
     """
     images = np.asarray(images_uint8)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -124,6 +130,8 @@ def embed_views(
     keep_memory = malloc.kept_freed_memory(torch.device(device).type == "cpu")
     with keep_memory, _eval_mode(net), torch.inference_mode(), _autocast(device, amp_dtype):
         for start in range(0, len(images), batch_size):
+            if stop is not None and stop():
+                raise EvaluationStopped(f"stopped after {start} of {len(images)} images")
             batch = _fit_to_model(images[start : start + batch_size], target)
             plain.append(run(batch))
             if flip:
@@ -171,6 +179,7 @@ def score_pair_set(
     device: Union[str, torch.device] = "cpu",
     normalize: str = "arcface",
     amp_dtype: Optional[torch.dtype] = None,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> tuple[np.ndarray, float]:
     """Cosine score per pair and ``xnorm``.
 
@@ -180,7 +189,7 @@ def score_pair_set(
     """
     plain, mirrored = embed_views(
         model, pair_set.images, batch_size=batch_size, flip=flip, device=device,
-        normalize=normalize, amp_dtype=amp_dtype,
+        normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
     views = [plain] if mirrored is None else [plain, mirrored]
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(v.astype(np.float64), axis=1) for v in views])))
@@ -198,11 +207,12 @@ def evaluate_pair_set(
     normalize: str = "arcface",
     nfolds: int = 10,
     amp_dtype: Optional[torch.dtype] = None,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> dict:
     """`verification_metrics` of a labelled pair set plus ``xnorm`` and ``name``.
 
     ``nfolds`` is lowered to the number of pairs when there are fewer pairs than folds (each fold
-    then holds one pair); the value used is reported as ``nfolds``.
+    then holds one pair); the value used is reported as ``nfolds``. ``stop``: see `embed_views`.
     """
     if pair_set.issame is None:
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
@@ -210,7 +220,7 @@ def evaluate_pair_set(
         raise UserError(f"pair set {pair_set.name!r} has no pairs")
     scores, xnorm = score_pair_set(
         model, pair_set, flip=flip, batch_size=batch_size, device=device,
-        normalize=normalize, amp_dtype=amp_dtype,
+        normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
     metrics = verification_metrics(scores, pair_set.issame, nfolds=min(nfolds, len(pair_set)))
     metrics["xnorm"] = xnorm

@@ -146,12 +146,29 @@ def build_train_source(cfg: DataConfig, image_size: int):
     return open_source(cfg.train)
 
 
+def build_batch_order(cfg: Config, source, *, rank: int = 0, world_size: int = 1):
+    """The `BatchOrder` of a run; a batch larger than the training data is one line naming the keys."""
+    from marginface.train.batches import BatchOrder
+
+    t = cfg.train
+    n = len(source)
+    if n < t.batch_size * world_size:
+        ranks = f" x {world_size} processes" if world_size > 1 else ""
+        raise UserError(f"config key 'train.batch_size' = {t.batch_size}{ranks} is larger than the training data "
+                        f"({n} images in data.train={cfg.data.train}); lower train.batch_size")
+    try:
+        return BatchOrder(n, t.batch_size, t.seed, rank=rank, world_size=world_size, flip=cfg.data.flip,
+                          labels=source.labels, samples_per_identity=cfg.data.samples_per_identity)
+    except ValueError as exc:  # P x K batches the data or the batch size cannot make
+        raise UserError(f"config keys 'train.batch_size' / 'data.samples_per_identity': {exc}") from None
+
+
 def build_val_sets(cfg: DataConfig, image_size: int) -> list:
     """The verification pair sets named by ``data.val`` (``synthetic`` = held-out identities)."""
     from marginface.data.verification import load_pair_set
 
     detector = None
-    if cfg.val_align == "detect":
+    if cfg.val_align == "detect" and any(spec != "synthetic" for spec in cfg.val):  # no sets, no detector
         from marginface.data.detect import build_detector
 
         detector = build_detector("mtcnn")

@@ -18,18 +18,74 @@ import torch
 from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.errors import UserError
-from marginface.train import distributed, setup
-from marginface.train.batches import BatchOrder, InMemoryBatches, LoaderBatches
 from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from marginface.train import distributed, rundir, setup
+from marginface.train.batches import InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
 from marginface.train.loggers import RunLogger, format_table
 from marginface.train.schedule import lr_factor
 
 LOWER_IS_BETTER = {"eer", "accuracy_std"}
+# the numbers evaluate_pair_set reports per set (besides tar_at_far), any of which can pick best.pt
+SCALAR_METRICS = ("accuracy", "accuracy_std", "threshold", "threshold_distance", "accuracy_same", "accuracy_diff",
+                  "auc", "eer", "pos_mean", "neg_mean", "xnorm")
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive non-finite steps; the last good state was saved."""
+    """Too many consecutive non-finite steps, or non-finite weights; no non-finite state is ever saved."""
+
+
+def all_finite(tensors) -> bool:
+    """True when every floating-point tensor holds only finite numbers (one sync per device).
+
+    The max-abs norm of each tensor is inf or NaN exactly when an entry is (it cannot overflow, unlike
+    the 2-norm of huge finite weights); ``_foreach_norm`` computes them all in a few kernels, which
+    clip_grad_norm_ uses too."""
+    groups: dict = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            groups.setdefault(t.device, []).append(t.detach())
+    for ts in groups.values():
+        norms = torch._foreach_norm(ts, float("inf"))
+        if not bool(torch.stack(norms).isfinite().all()):
+            return False
+    return True
+
+
+def check_best_metric(spec: str, val_sets: list) -> str:
+    """The ``eval.best_metric`` that picks best.pt, checked against the loaded validation sets before any
+    step is trained (no evaluation needed); returns it with the default filled in ("" = first set's accuracy)."""
+    for ps in val_sets:
+        if ps.issame is None:
+            raise UserError(f"config key 'data.val': pair set {ps.name!r} has no same/different labels, so it "
+                            "cannot be evaluated during training")
+    if not val_sets:
+        return spec
+    spec = spec or f"{val_sets[0].name}/accuracy"
+    if "/" not in spec:
+        raise UserError(f"config key 'eval.best_metric' must look like '<set>/<metric>', got {spec!r}")
+    set_name, metric = spec.split("/", 1)
+    names = [ps.name for ps in val_sets]
+    if set_name not in names:
+        raise UserError(f"config key 'eval.best_metric' names set {set_name!r}, which is not among the "
+                        f"validation sets (data.val): {names}")
+    if metric.startswith("tar@"):
+        import numpy as np
+
+        from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, far_key
+
+        fars = {far_key(f): f for f in DEFAULT_FAR_TARGETS}
+        if metric[4:] not in fars:
+            raise UserError(f"config key 'eval.best_metric': {metric!r} is not a reported FAR; use one of "
+                            f"{['tar@' + k for k in fars]}")
+        negatives = int((~np.asarray(val_sets[names.index(set_name)].issame, bool)).sum())
+        if negatives * fars[metric[4:]] < 1 - 1e-9:
+            raise UserError(f"config key 'eval.best_metric': set {set_name!r} has {negatives} negative pairs, too "
+                            f"few to measure {metric}")
+    elif metric not in SCALAR_METRICS:
+        raise UserError(f"config key 'eval.best_metric': {metric!r} is not a metric; use one of "
+                        f"{list(SCALAR_METRICS)} or tar@<far> (e.g. tar@1e-3)")
+    return spec
 
 
 def metric_value(results: dict, spec: str) -> float:
@@ -52,10 +108,16 @@ def metric_value(results: dict, spec: str) -> float:
 class Trainer:
     """Trains ``cfg`` into ``run_dir``; ``fit()`` returns the report (also written to report.json)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, console: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, console: bool = True,
+                 resume_from: Optional[Path] = None, overwrite: bool = False):
+        """``resume``: continue from checkpoints/last.pt (see marginface.train.rundir for the policy);
+        ``resume_from``: continue from that checkpoint instead; ``overwrite``: a fresh start may delete
+        the run already in ``run_dir`` (otherwise it is refused)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.resume = resume
+        self.resume = resume or resume_from is not None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.overwrite = overwrite
         self.console = console
         self.device = setup.resolve_device(cfg.train.device)
         # under torchrun: join the process group (NCCL on CUDA, gloo on CPU); else a single process
@@ -71,6 +133,7 @@ class Trainer:
         size = cfg.model.input_size
         self.source = setup.build_train_source(cfg.data, size)
         self.val_sets = setup.build_val_sets(cfg.data, size)
+        self.best_metric = check_best_metric(cfg.eval.best_metric, self.val_sets)  # now, not at the first eval
         self.backbone = setup.build_model(cfg.model).to(self.device)
         if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
             from marginface.models.layers import set_fast_layers
@@ -97,10 +160,7 @@ class Trainer:
         self.forward_backbone = torch.compile(self.ddp) if cfg.train.compile else self.ddp
         self._frozen = False
 
-        micro = cfg.train.batch_size
-        self.order = BatchOrder(len(self.source), micro, cfg.train.seed, rank=self.dist.rank,
-                                world_size=self.dist.world_size, flip=cfg.data.flip, labels=self.source.labels,
-                                samples_per_identity=cfg.data.samples_per_identity)
+        self.order = setup.build_batch_order(cfg, self.source, rank=self.dist.rank, world_size=self.dist.world_size)
         self.steps_per_epoch = max(self.order.steps_per_epoch // cfg.train.grad_accum, 1)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.freeze_steps = int(round(cfg.train.freeze_backbone_epochs * self.steps_per_epoch))
@@ -115,6 +175,12 @@ class Trainer:
         self.last_eval_step: Optional[int] = None
         self.evals_without_improvement = 0
         self.train_seconds = 0.0  # time inside training steps only (no evaluation, no start-up)
+        # the state the guard checks after every update, and the BatchNorm statistics a skipped step restores
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._buffers = [*self.backbone.buffers(), *self.head.buffers(),
+                         *(self.center.buffers() if self.center is not None else ())]
+        self._buffer_backup = [b.detach().clone() for b in self._buffers]
+        self._weights_broken = False
 
     # ------------------------------------------------------------------ set-up helpers
     def _make_batches(self):
@@ -174,9 +240,28 @@ class Trainer:
             "model_info": self.model_info(),
         }
 
+    def _state_finite(self) -> bool:
+        """Weights, buffers and optimizer state all finite (on every rank)."""
+        tensors = [*self._params, *self._buffers]
+        for st in self.optimizer.state.values():
+            tensors += [v for v in st.values() if torch.is_tensor(v)]
+        bad = not all_finite(tensors)
+        return not (distributed.any_rank(bad) if self.dist.enabled else bad)
+
+    def _last_saved(self) -> str:
+        info = rundir.peek(self.ckpt_dir / "last.pt") if (self.ckpt_dir / "last.pt").is_file() else None
+        return (f"{self.ckpt_dir / 'last.pt'} keeps step {info['step']}" if info else
+                f"no checkpoint was written ({self.ckpt_dir / 'last.pt'} does not exist)")
+
     def save(self, name: str = "last") -> Path:
-        """Write checkpoints/{name}.pt; collective under torchrun (each rank writes its classifier shard)."""
+        """Write checkpoints/{name}.pt; collective under torchrun (each rank writes its classifier shard).
+
+        A state with a non-finite number anywhere is never written (TrainingDiverged instead)."""
         path = self.ckpt_dir / f"{name}.pt"
+        if not self._state_finite():
+            raise TrainingDiverged(f"training diverged at step {self.step}: the weights or optimizer state are "
+                                   f"not finite, so they were not saved as {path.name}; {self._last_saved()}; "
+                                   "lower optim.lr")
         if self.sharded_head:
             return distributed.save_sharded(self.state() if self.dist.is_main else {}, self.head, self.optimizer,
                                             self.ckpt_dir, name, self.step)
@@ -185,16 +270,21 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        self.backbone.load_state_dict(ckpt["model"])
-        if self.sharded_head or distributed.is_sharded(ckpt):
-            # this rank's classes from any world size's checkpoint (re-shard), with their optimizer state
-            distributed.load_head(self.head, self.optimizer, ckpt, path)
-        else:
-            self.head.load_state_dict(ckpt["head"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.center is not None and ckpt.get("center") is not None:
-            self.center.load_state_dict(ckpt["center"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            self.backbone.load_state_dict(ckpt["model"])
+            if self.sharded_head or distributed.is_sharded(ckpt):
+                # this rank's classes from any world size's checkpoint (re-shard), with their optimizer state
+                distributed.load_head(self.head, self.optimizer, ckpt, path)
+            else:
+                self.head.load_state_dict(ckpt["head"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.center is not None and ckpt.get("center") is not None:
+                self.center.load_state_dict(ckpt["center"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{path}: does not fit this run's config ({first}); resume with the config the run "
+                            "was trained with (its config.yaml)") from None
         self.step = int(ckpt["step"])
         self.images_seen = int(ckpt.get("images_seen", 0))
         self.wall_before = float(ckpt.get("wall_seconds", 0.0))
@@ -205,6 +295,8 @@ class Trainer:
         self.last_eval_step = ckpt.get("last_eval_step")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         torch.set_rng_state(ckpt["torch_rng"])
+        for b, saved in zip(self._buffers, self._buffer_backup):
+            saved.copy_(b)
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self) -> float:
@@ -237,8 +329,14 @@ class Trainer:
         return loss, out.stats
 
     def _train_step(self, micro_batches: list) -> tuple:
-        """Forward/backward over the micro-batches of one optimizer step; returns (loss, stats, ok)."""
+        """Forward/backward over the micro-batches of one optimizer step; returns (loss, stats, ok).
+
+        A skipped step (ok False) leaves the state as it was, BatchNorm running statistics included
+        (the forward pass of a diverging batch would otherwise leave them non-finite). After an update,
+        ``self._weights_broken`` says whether it left a non-finite weight."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_backup, self._buffers)
         begin = getattr(self.head, "begin_step", None)
         if begin is not None:
             begin(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
@@ -251,6 +349,7 @@ class Trainer:
                 loss, stats = self._forward_loss(images, labels)
                 bad = not bool(torch.isfinite(loss))
                 if distributed.any_rank(bad) if self.dist.enabled else bad:  # every rank skips together
+                    self._restore_buffers()
                     return float("nan"), stats, False
                 self.scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
@@ -271,10 +370,18 @@ class Trainer:
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            self._restore_buffers()
             return total, stats, False  # skip: an fp16 scaler handles its own overflow steps
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        broken = not all_finite(self._params)  # finite loss and gradients can still step into inf (lr 1e30, inf)
+        self._weights_broken = distributed.any_rank(broken) if self.dist.enabled else broken
         return total, stats, True
+
+    def _restore_buffers(self) -> None:
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._buffer_backup)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -282,21 +389,46 @@ class Trainer:
 
         was_training = self.backbone.training
         results = {}
-        for ps in self.val_sets:
-            results[ps.name] = evaluate_pair_set(self.backbone, ps, flip=self.cfg.eval.flip,
-                                                 batch_size=self.cfg.eval.batch_size, device=self.device,
-                                                 normalize=self.cfg.data.normalize)
-        self.backbone.train(was_training)
+        try:
+            for ps in self.val_sets:  # a stop signal ends the evaluation between two batches (EvaluationStopped)
+                results[ps.name] = evaluate_pair_set(self.backbone, ps, flip=self.cfg.eval.flip,
+                                                     batch_size=self.cfg.eval.batch_size, device=self.device,
+                                                     normalize=self.cfg.data.normalize,
+                                                     stop=lambda: self._stop_signal is not None)
+        finally:
+            self.backbone.train(was_training)
         return results
 
     def _evaluate_on_main(self) -> dict:
         """Rank 0 evaluates (the plain backbone: no collectives inside) while the others wait in the
-        broadcast of its results; every rank then takes the same best/early-stop decisions."""
-        results = self.evaluate() if self.dist.is_main else None
-        return distributed.broadcast_object(results)
+        broadcast of its results; every rank then takes the same best/early-stop decisions.
+
+        A signal during the evaluation stops it within one batch: the run exits (KeyboardInterrupt) with
+        checkpoints/last.pt as saved just before the evaluation, which the resumed run evaluates first."""
+        from marginface.evaluate.runner import EvaluationStopped
+
+        results = None
+        if self.dist.is_main:
+            try:
+                results = self.evaluate()
+            except EvaluationStopped:
+                results = None
+        results = distributed.broadcast_object(results)
+        if results is None:
+            self.logger.message(f"received signal {self._stop_signal or 'on another rank'} during the evaluation at "
+                                f"step {self.step}: stopped it; {self._last_saved()}; re-run with --resume to "
+                                "continue (the evaluation comes first)")
+            raise KeyboardInterrupt
+        return results
+
+    def _evaluate_and_keep_best(self) -> bool:
+        """Save last.pt, then evaluate (so no trained step waits on the evaluation), keep the best."""
+        self.save("last")
+        return self._after_eval(self._evaluate_on_main())
 
     def _after_eval(self, results: dict) -> bool:
-        """Log, keep the best checkpoint; returns True when early stopping says stop."""
+        """Log, keep the best checkpoint, then last.pt with the evaluation's outcome; returns True when
+        early stopping says stop."""
         self.last_eval = results
         self.last_eval_step = self.step
         self.logger.record("eval", self.step, {"eval": results})
@@ -304,18 +436,17 @@ class Trainer:
             flat = {k: v for k, v in m.items() if isinstance(v, (int, float))}
             flat.update({f"tar@{k}": v for k, v in m.get("tar_at_far", {}).items()})
             self.logger.scalars(self.step, flat, prefix=f"eval/{name}/")
-        spec = self.cfg.eval.best_metric or f"{self.val_sets[0].name}/accuracy"
+        spec = self.best_metric
         value = metric_value(results, spec)
-        lower = spec.split("/", 1)[1] in LOWER_IS_BETTER
         prev = self.best.get("value")
-        improved = prev is None or (value < prev if lower else value > prev)
-        self.save("last")
+        improved = prev is None or self._better(value, prev, spec)
         if improved:
             self.best = {"metric": spec, "value": value, "step": self.step}
             self.evals_without_improvement = 0
             self.save("best")
         else:
             self.evals_without_improvement += 1
+        self.save("last")  # with the new best and the evaluation, so a resumed run decides as this one would
         summary = "  ".join(f"{n}: acc {m['accuracy']:.4f} auc {m['auc']:.4f}" for n, m in results.items())
         self.logger.message(f"eval @ step {self.step}: {summary}  (best {spec} = {self.best['value']:.4f} "
                             f"@ step {self.best['step']})")
@@ -323,17 +454,57 @@ class Trainer:
         return patience > 0 and self.evals_without_improvement >= patience
 
     # ------------------------------------------------------------------ the loop
+    @staticmethod
+    def _better(value: float, than: float, spec: str) -> bool:
+        return value < than if spec.split("/", 1)[1] in LOWER_IS_BETTER else value > than
+
     def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:
+            # a second signal (a second Ctrl-C): leave at once. A checkpoint being written is abandoned
+            # (its temp file removed), so the one on disk stays the last complete one.
+            raise KeyboardInterrupt
         self._stop_signal = signum
+
+    def _open_run_dir(self) -> None:
+        """Apply the run-directory policy (marginface.train.rundir): load the checkpoint to resume, or
+        refuse (or with ``overwrite`` clear) a directory that already holds a run."""
+        if not self.resume:
+            rundir.require_fresh(self.run_dir, self.overwrite, dry_run=not self.dist.is_main)  # rank 0 deletes
+            distributed.barrier()
+            return
+        path = self.resume_from or rundir.resume_checkpoint(self.run_dir)
+        if path is not None:
+            try:
+                self.load(path)
+            except UserError as exc:
+                raise UserError(f"{exc}{rundir.alternatives_hint(self.run_dir, path)}") from None
+        if self.dist.is_main:
+            rundir.remove_stale_temp_files(self.run_dir)  # a kill mid-write leaves one behind
+            # those steps are trained (and evaluated) again
+            rundir.truncate_log(self.run_dir / "log.jsonl", self.step, evaluated=self.last_eval_step == self.step)
+            self._adopt_best_on_disk(path)
+
+    def _adopt_best_on_disk(self, loaded: Optional[Path]) -> None:
+        """best.pt may record a better value than the checkpoint resumed from (resuming from an older
+        checkpoint): keep comparing against it, so it is never replaced by a worse one."""
+        best = self.ckpt_dir / "best.pt"
+        if not best.is_file() or (loaded is not None and best.resolve() == Path(loaded).resolve()):
+            return
+        info = rundir.peek(best)
+        record = (info or {}).get("best") or {}
+        if record.get("value") is None or record.get("metric") != self.best_metric:
+            return
+        mine = self.best.get("value")
+        if mine is None or self.best.get("metric") != self.best_metric or self._better(record["value"], mine,
+                                                                                      self.best_metric):
+            self.best = dict(record)
 
     def fit(self) -> dict:
         ensure_dir(self.run_dir)
         self._t_start = time.time()
-        last = self.ckpt_dir / "last.pt"
         if self.dist.is_main:  # temp files of a save a kill interrupted (ours only; nothing is saving now)
             remove_stale_checkpoint_temps(self.ckpt_dir)
-        if self.resume and last.is_file():
-            self.load(last)
+        self._open_run_dir()
         if self.dist.is_main:  # rank 0 owns the run directory's files; the others log nowhere
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console)
@@ -379,6 +550,12 @@ class Trainer:
         bad_in_a_row = 0
         t_log, step_log = time.time(), self.step
         every_eval = cfg.eval.every
+        if (self.val_sets and every_eval and 0 < self.step < self.total_steps and self.step % every_eval == 0
+                and self.last_eval_step != self.step):  # resumed from a stop during this step's evaluation
+            if self._after_eval(self._evaluate_on_main()):
+                log.message(f"early stopping: no improvement in {cfg.eval.early_stop_patience} evaluations")
+                self.total_steps = self.step
+                return
         frozen = None
         while self.step < self.total_steps:
             want_frozen = self.step < self.freeze_steps
@@ -391,6 +568,11 @@ class Trainer:
             loss, stats, ok = self._train_step(micro)
             self.train_seconds += time.time() - t0
             self.step += 1
+            if self._weights_broken:
+                log.record("diverged", self.step, {"lr": lr})
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step}: the update made weights non-finite (lr {lr:g}); "
+                    f"nothing from this step on is saved, {self._last_saved()}; lower optim.lr")
             self.images_seen += sum(len(m[1]) for m in micro) * self.dist.world_size
             if ok:
                 bad_in_a_row = 0
@@ -423,7 +605,7 @@ class Trainer:
                 self._report_bad_images(self.step // self.steps_per_epoch)
             stop = False
             if every_eval and self.step % every_eval == 0 and self.step < self.total_steps:
-                stop = self._after_eval(self._evaluate_on_main())
+                stop = self._evaluate_and_keep_best()
                 if stop:
                     log.message(f"early stopping: no improvement in {cfg.eval.early_stop_patience} evaluations")
             elif self.step % cfg.train.checkpoint_every == 0:
@@ -453,7 +635,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         if self.val_sets and self.last_eval_step != self.step:
-            self._after_eval(self._evaluate_on_main())
+            self._evaluate_and_keep_best()
         else:
             self.save("last")
         wall = self.wall_before + (time.time() - self._t_start)
