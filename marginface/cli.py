@@ -255,9 +255,9 @@ def cmd_embed(args) -> int:
     model, device, amp_dtype, _ = _embedding_model(args)
     if not args.json:
         print(f"embedding {len(files)} images under {args.images}", file=sys.stderr, flush=True)
-    from marginface.data.sources import read_image_file
+    from marginface.data.images import read_image
 
-    features = ident.embed_image_files(model, lambda i: read_image_file(files[i]), len(files), flip=not args.no_flip,
+    features = ident.embed_image_files(model, lambda i: read_image(files[i]), len(files), flip=not args.no_flip,
                                        batch_size=args.batch_size, device=device, normalize=args.normalize,
                                        amp_dtype=amp_dtype)
     written = ident.save_features(args.out, features, files)

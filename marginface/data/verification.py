@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from marginface.data.images import decode_image, read_image
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
@@ -116,26 +117,6 @@ def resize_image(image: np.ndarray, image_size: Optional[ImageSize]) -> np.ndarr
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def decode_image(data: np.ndarray) -> Optional[np.ndarray]:
-    """Encoded image bytes (uint8 array) -> RGB uint8 ``H×W×3``, or None if undecodable."""
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is None:
-        return None
-    return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (np.fromfile + imdecode also copes with non-ASCII paths)."""
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
-    image = decode_image(data)
-    if image is None:
-        raise UserError(f"{path}: not a decodable image")
-    return image
-
-
 def _stack_images(images: Sequence[np.ndarray], source: str, labels: Sequence[str]) -> np.ndarray:
     """Stack equally sized images; name the first odd one out otherwise."""
     if not images:
@@ -191,15 +172,50 @@ class _RefusedGlobal(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class _BinUnpickler(pickle.Unpickler):
-    """Unpickler that admits only the globals a verification .bin needs."""
+    """Unpickler that admits only the globals a verification .bin needs.
+
+    Nothing it builds may be larger than the file itself (``limit`` bytes): ``bytearray(n)`` and
+    numpy's ``_reconstruct(cls, shape, dtype)`` take a size from the pickle, and a 40-byte file
+    asking for ``bytearray(2**33)`` must not get 8 GiB."""
+
+    def __init__(self, file, *, limit: int, **kw):
+        super().__init__(file, **kw)
+        self.limit = limit
+
+    def _bounded(self, what: str, make, size_of):
+        def build(*args):
+            size = size_of(*args)
+            if size > self.limit:
+                raise _TooLarge(f"{what} of {size} bytes")
+            return make(*args)
+        return build
 
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY_GLOBALS:
-            return _numpy_global(module, name)
+            found = _numpy_global(module, name)
+            if name == "_reconstruct":
+                return self._bounded("an array", found, _reconstruct_bytes)
+            return found
         if (module, name) in _PLAIN_GLOBALS:
-            return _PLAIN_GLOBALS[(module, name)]
+            found = _PLAIN_GLOBALS[(module, name)]
+            if found is bytearray:
+                return self._bounded("a bytearray", bytearray,
+                                     lambda *a: a[0] if a and isinstance(a[0], int) else 0)
+            return found
         raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _reconstruct_bytes(cls=None, shape=(0,), dtype=b"b", *rest) -> int:
+    try:
+        dims = [int(shape)] if np.ndim(shape) == 0 else [int(d) for d in shape]
+        return int(np.prod(dims, dtype=object)) * max(1, np.dtype(dtype if not isinstance(dtype, bytes) else dtype.decode()).itemsize)
+    except Exception:
+        return 0
 
 
 def _as_encoded_bytes(item) -> Optional[np.ndarray]:
@@ -218,10 +234,13 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
     """
     path = Path(path)
     try:
-        with path.open("rb") as file:
-            content = _BinUnpickler(file, encoding="bytes").load()
+        data = path.read_bytes()  # in memory: a length in the pickle cannot make a read allocate more
+        content = _BinUnpickler(io.BytesIO(data), encoding="bytes", limit=len(data)).load()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except _TooLarge as exc:
+        raise UserError(f"{path}: the pickle asks for {exc}, more than the {len(data)}-byte file could hold; "
+                        f"not a verification .bin") from None
     except _RefusedGlobal as exc:
         raise UserError(
             f"{path}: refuses to load global {exc} (a verification .bin holds only images and labels; "
@@ -257,9 +276,7 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
             raise UserError(f"{path}: image {i} is a {type(item).__name__}, not encoded image bytes")
         key = hashlib.blake2b(data.tobytes(), digest_size=16).digest()  # not the whole JPEG as key
         if key not in index_of:
-            image = decode_image(data)
-            if image is None:
-                raise UserError(f"{path}: image {i} (pair {i // 2}) is not a decodable image")
+            image = decode_image(data, f"{path}: image {i} (pair {i // 2})")
             index_of[key] = len(images)
             images.append(resize_image(image, image_size))
             labels.append(f"image {i}")

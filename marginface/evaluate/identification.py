@@ -412,7 +412,7 @@ def evaluate_identification_folders(
     ``fpir_targets`` (as requested; `tpir_at_fpir` holds those the non-mated probes support) and
     ``sources`` (the paths) to the metrics.
     """
-    from marginface.data.sources import read_image_file
+    from marginface.data.images import read_image
 
     # Every cheap check before the first (slow) forward pass.
     gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
@@ -439,7 +439,7 @@ def evaluate_identification_folders(
             distractor_feats.append(part)
         else:
             files = part
-            distractor_feats.append(embed(f"distractors {path}", lambda i: read_image_file(files[i]), len(files)))
+            distractor_feats.append(embed(f"distractors {path}", lambda i: read_image(files[i]), len(files)))
 
     def names(src) -> list[str]:  # identity labels are the folder names, so gallery and probes match by name
         return [src.identities[label] for label in src.labels]

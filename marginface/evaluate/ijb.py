@@ -257,7 +257,7 @@ def ijb_image_views(
     Images are read, aligned and embedded in batches (IJB-C's 469k faces never sit in memory at
     once); each distinct image name is embedded once.
     """
-    from marginface.data.verification import read_image
+    from marginface.data.images import read_image
     from marginface.evaluate.runner import embed_views
 
     if align is None:
