@@ -6,7 +6,6 @@ line `error: ...` on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=None, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    """The one place --json output is printed: always valid JSON (NaN/inf become null, numpy
+    values plain numbers; ``allow_nan=False`` makes a stray non-finite number fail here, loudly)."""
+    from marginface.jsonout import dumps
+
+    print(dumps(obj))
 
 
 # ---------------------------------------------------------------------------------------------- train

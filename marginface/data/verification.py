@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from marginface.data.images import decode_image, read_image
+from marginface.data.textfiles import csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
@@ -295,10 +296,7 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
 
 def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
     """Parse the official pairs.txt -> (line number, name1, n1, name2, n2) per pair."""
-    try:
-        lines = pairs_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{pairs_file}: cannot read ({exc})") from None
+    lines = read_text(pairs_file, "pairs file").splitlines()
     numbered = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise UserError(f"{pairs_file}: empty pairs file")
@@ -341,16 +339,19 @@ def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
     {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path, "landmark file").splitlines(), start=1):
         fields = line.replace(",", " ").split()
         if not fields:
             continue
         if len(fields) != 11:
             raise UserError(f"{path}: line {line_no}: expected an image path and 10 numbers, got {len(fields)} fields")
         try:
-            out[fields[0]] = np.asarray([float(v) for v in fields[1:]], np.float32).reshape(5, 2)
+            values = np.asarray([float(v) for v in fields[1:]], np.float64)
         except ValueError:
             raise UserError(f"{path}: line {line_no}: landmark values must be numbers") from None
+        if not np.isfinite(values).all() or np.abs(values).max() > 1e6:
+            raise UserError(f"{path}: line {line_no}: landmark values must be finite pixel positions")
+        out[fields[0]] = values.astype(np.float32).reshape(5, 2)
     return out
 
 
@@ -438,12 +439,12 @@ def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> Pa
     """Read a pairs CSV (``file_x,file_y`` and optionally ``Decision`` Yes/No or ``same`` 1/0)
     into a `PairList` of paths resolved against the CSV's folder; images are not opened."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    text = read_text(path, "pairs CSV")
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise UserError(f"{path}:1: bad CSV header ({exc})") from None
     reader.fieldnames = columns
     missing = [c for c in ("file_x", "file_y") if c not in columns]
     if missing:
@@ -453,8 +454,7 @@ def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> Pa
     paths_a: list[Path] = []
     paths_b: list[Path] = []
     labels: list[bool] = []
-    for row in reader:
-        line_no = reader.line_num
+    for line_no, row in csv_rows(text, str(path), reader):
         file_x, file_y = (row.get("file_x") or "").strip(), (row.get("file_y") or "").strip()
         if not file_x or not file_y:
             raise UserError(f"{path}: line {line_no}: empty file_x or file_y")
