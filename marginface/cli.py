@@ -343,7 +343,7 @@ def cmd_data_align(args) -> int:
     from marginface.data.detect import build_detector
     from marginface.data.tools import align_folder
 
-    detector = build_detector(args.detector, **({"weights_dir": args.weights} if args.weights else {}))
+    detector = build_detector(args.detector, weights=args.weights)
     info = align_folder(args.src, args.dst, detector, size=args.size)
     if args.json:
         _print_json(info)

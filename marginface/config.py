@@ -271,7 +271,7 @@ class _ConfigLoader(yaml.SafeLoader):
             raise _PlainYAMLError(f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark)
         tag = getattr(event, "tag", None)  # None unless the text wrote one
         if tag is not None:
-            raise _PlainYAMLError(f"YAML tags ({tag}) are not allowed in a config; write plain values",
+            raise _PlainYAMLError(f"YAML tags ({tag}) are not allowed; write plain values",
                                   event.start_mark)
         self._depth = getattr(self, "_depth", 0) + 1
         self._nodes = getattr(self, "_nodes", 0) + 1

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import io
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -361,6 +362,7 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
 
     size = image_size or 112
     points = read_landmarks_file(landmarks) if landmarks else None
+    warned = []
 
     def prepare(image: np.ndarray, rel: str, file: Path) -> np.ndarray:
         if points is not None:
@@ -372,6 +374,12 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
             if not faces:
                 raise UserError(f"{file}: no face found to align (give a landmarks file instead)")
             return align_face(image, faces[0].landmarks, size)
+        if not warned and image.shape[:2] != _hw(size):  # not already aligned crops: say so, once
+            warned.append(True)
+            print(f"warning: {root}: no landmarks.txt and no detector, so faces are used unaligned "
+                  f"({image.shape[1]}x{image.shape[0]} photos resized to {_hw(size)[1]}x{_hw(size)[0]}); expect "
+                  f"accuracy far below the aligned figure (add landmarks.txt or run `marginface data align`)",
+                  file=sys.stderr, flush=True)
         return resize_image(image, image_size)
 
     return prepare

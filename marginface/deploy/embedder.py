@@ -160,6 +160,9 @@ class FaceEmbedder:
         if crops.ndim == 3:
             crops = crops[None]
         raw = embed_images(self.model, crops, batch_size=self.batch_size, flip=self.flip, normalize=self.normalize)
+        if not np.isfinite(raw).all():  # a NaN probe would pass every comparison (NaN < t is False)
+            raise UserError(f"{getattr(self.model, 'model_path', None) or 'model'}: the model gave NaN/inf "
+                            f"embeddings (broken weights or an overflow at this precision)")
         return l2_normalize(raw.astype(np.float64)).astype(np.float32)
 
     def embed(self, image: ImageLike, name: Optional[str] = None) -> np.ndarray:

@@ -73,9 +73,15 @@ def png_header_only(width: int, height: int, color_type: int = 2, rows: int = 2)
 @functools.lru_cache(maxsize=1)
 def png_complete_huge(side: int = 20000) -> bytes:
     """A complete, valid ``side``x``side`` gray PNG of zeros (~400 KB on disk, 400 MB decoded)."""
-    comp = zlib.compressobj(9)
     row = b"\0" * (side + 1)
-    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    # one row deflated after a full flush is byte-aligned and independent of what came before,
+    # so repeating its bytes is a valid stream: no need to compress 400 MB at test time
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = raw.compress(row) + raw.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(side):
+        adler = zlib.adler32(row, adler)
+    body = b"\x78\xda" + block * side + b"\x03\x00" + struct.pack(">I", adler)
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
 

@@ -48,6 +48,10 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, preexec_fn=_limit_memory,
                                      text=True, bufsize=1)
+        # wait for the imports, so that case timeouts measure the case alone
+        if not select.select([self.proc.stdout], [], [], 180)[0] or self.proc.stdout.readline().strip() != "READY":
+            self.stop()
+            raise RuntimeError("the hostile-input worker did not start")
 
     def stop(self):
         if self.proc is not None:
@@ -63,8 +67,7 @@ class Worker:
         start = time.monotonic()
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        # the first case also pays for the worker's imports
-        deadline = start + timeout + (60 if not getattr(self, "_warm", False) else 0)
+        deadline = start + timeout
         while True:
             left = deadline - time.monotonic()
             ready = select.select([self.proc.stdout], [], [], max(left, 0))[0] if left > 0 else []
@@ -79,7 +82,6 @@ class Worker:
                 return Outcome(-9, stderr="worker died", seconds=time.monotonic() - start)
             if line.strip() == "DONE":
                 break
-        self._warm = True
         data = json.loads(result.read_text())
         result.unlink()
         return Outcome(data["rc"], data["stdout"], data["stderr"], time.monotonic() - start)

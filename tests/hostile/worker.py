@@ -47,6 +47,7 @@ def serve():
     import torch
 
     torch.set_num_threads(1)
+    control.write("READY\n")
     for line in sys.stdin:
         request = json.loads(line)
         os.chdir(request["cwd"])
