@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 
-from marginface.data.images import as_rgb, read_image  # noqa: F401  (as_rgb, read_rgb: re-exported)
+from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
 from marginface.errors import UserError
 
 ImageLike = Union[str, Path, np.ndarray]
@@ -125,9 +125,10 @@ class FaceEmbedder:
         """All faces, largest first, each with its aligned crop; [] when there is none."""
         rgb, name = self.load_image(image, name)
         found, padded = self._detect_scaled(rgb), False
-        if not found and self.pad_fraction > 0:
-            h, w = rgb.shape[:2]
-            pad = int(round(max(h, w) * self.pad_fraction))
+        h, w = rgb.shape[:2]
+        pad = int(round(max(h, w) * self.pad_fraction))
+        # the padded copy of a 60000x16 strip would be 8 GB: no retry beyond the pixel limit
+        if not found and self.pad_fraction > 0 and (h + 2 * pad) * (w + 2 * pad) <= MAX_PIXELS:
             border = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
             found = [((b[0] - pad, b[1] - pad, b[2] - pad, b[3] - pad), s, lm - pad)
                      for b, s, lm in self._detect_scaled(border)]

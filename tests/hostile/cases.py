@@ -402,6 +402,9 @@ for _kind, _make in IMAGE_KINDS.items():
     CASES.append(Case(f"embed_{_kind}", _bad_image(_make, "embed"), needs_shared=True))
 
 CASES += [
+    # a valid 16-pixel-wide strip: under the pixel limit, but the detector's padded retry was 8 GB
+    Case("verify_jpeg_strip_60000x16", _bad_image(_write("strip.jpg", lambda: jpeg_bytes(60000, 16)), "verify"),
+         needs_shared=True),
     Case("bin_png_header_100000x100000", _bin_with_image(png_header_only(100000, 100000))),
     Case("bin_jpeg_header_65500x65500", _bin_with_image(jpeg_claiming(65500, 65500))),
     Case("bin_bytearray_bomb", _bin_bytearray_bomb),
