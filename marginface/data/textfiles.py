@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import stat
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -32,9 +34,26 @@ def decode_text(data: bytes, where: str) -> str:
     return text
 
 
+def check_regular_file(path: Union[str, Path], what: str = "file") -> None:
+    """`UserError` unless ``path`` is a regular file: reading a FIFO blocks forever and a device
+    such as ``/dev/zero`` never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+        raise UserError(f"{path}: is {kind}, not a regular file; expected a {what}")
+
+
 def read_text(path: Union[str, Path], what: str = "file") -> str:
     """A UTF-8 text file as str (see the module doc); a missing or unreadable file is a `UserError`."""
     path = Path(path)
+    check_regular_file(path, what)
     try:
         data = path.read_bytes()
     except IsADirectoryError:

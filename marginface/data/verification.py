@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from marginface.data.images import decode_image, read_image
-from marginface.data.textfiles import csv_rows, read_text
+from marginface.data.textfiles import check_regular_file, csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
@@ -235,6 +235,7 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
     ``2 * len(pairs)``. Images must share a size unless ``image_size`` is given.
     """
     path = Path(path)
+    check_regular_file(path, "verification .bin")
     try:
         data = path.read_bytes()  # in memory: a length in the pickle cannot make a read allocate more
         content = _BinUnpickler(io.BytesIO(data), encoding="bytes", limit=len(data)).load()

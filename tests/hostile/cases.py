@@ -387,6 +387,15 @@ def _bin_bytearray_bomb(d: Path) -> dict:
     return {"argv": ["data", "inspect", str(p)], "names": ["bomb.bin"]}
 
 
+def _special_as(name: str, kind: str):
+    """A FIFO or ``/dev/zero`` given where a text file or a .bin is expected (``data inspect``)."""
+    def build(d: Path) -> dict:
+        p = d / name
+        os.mkfifo(p) if kind == "fifo" else p.symlink_to("/dev/zero")
+        return {"argv": ["data", "inspect", str(p)], "names": [name]}
+    return build
+
+
 def _bin_with_image(image: bytes, name: str = "huge_in.bin"):
     def build(d: Path) -> dict:
         p = d / name
@@ -408,6 +417,10 @@ CASES += [
     Case("bin_png_header_100000x100000", _bin_with_image(png_header_only(100000, 100000))),
     Case("bin_jpeg_header_65500x65500", _bin_with_image(jpeg_claiming(65500, 65500))),
     Case("bin_bytearray_bomb", _bin_bytearray_bomb),
+    Case("bin_is_fifo", _special_as("pairs.bin", "fifo")),
+    Case("bin_is_dev_zero", _special_as("pairs.bin", "zero")),
+    Case("pairs_csv_is_fifo", _special_as("pairs.csv", "fifo")),
+    Case("pairs_txt_is_dev_zero", _special_as("pairs.txt", "zero")),
     Case("rec_png_header_100000x100000", _pack_image_read(png_header_only(100000, 100000))),
     # text that is not UTF-8, CSV fields beyond the csv module's limit, NUL bytes
     Case("list_latin1", _list_file(b"images/0.jpg\t0\nimages/" + LATIN1 + b".jpg\t1\n")),
