@@ -161,9 +161,7 @@ class _Quiet:
     def __enter__(self):
         self._lock.acquire()
         if _Quiet._file is None or _Quiet._pid != os.getpid():
-            _Quiet._file, _Quiet._pid = tempfile.TemporaryFile(), os.getpid()
-        _Quiet._file.seek(0)
-        _Quiet._file.truncate()
+            _Quiet._file, _Quiet._pid = tempfile.TemporaryFile(buffering=0), os.getpid()
         self._saved = os.dup(2)
         os.dup2(_Quiet._file.fileno(), 2)
         return self
@@ -171,8 +169,13 @@ class _Quiet:
     def __exit__(self, *exc):
         os.dup2(self._saved, 2)
         os.close(self._saved)
-        _Quiet._file.seek(0)
-        self.text = _Quiet._file.read(4096).decode("utf-8", "replace")
+        fd = _Quiet._file.fileno()
+        self.text = ""
+        if os.lseek(fd, 0, os.SEEK_CUR):  # the decoder wrote something (fd 2 shared this offset)
+            os.lseek(fd, 0, os.SEEK_SET)
+            self.text = os.read(fd, 4096).decode("utf-8", "replace")
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
         self._lock.release()
         return False
 
