@@ -24,6 +24,8 @@ def json_safe(obj: Any) -> Any:
         return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
+    if callable(getattr(obj, "tolist", None)):  # torch tensors and the like
+        return json_safe(obj.tolist())
     return str(obj)
 
 

@@ -115,9 +115,12 @@ def test_decoder_chatter_stays_off_stderr(tmp_path, capfd):
 def test_json_output_is_valid_json_with_nan(capsys):
     from marginface.cli import _print_json
 
-    _print_json({"rank_1": float("nan"), "far": [float("inf"), np.float32(0.5)], "n": np.int64(3), "p": Path("x")})
+    import torch
+
+    _print_json({"rank_1": float("nan"), "far": [float("inf"), np.float32(0.5)], "n": np.int64(3), "p": Path("x"),
+                 "t": torch.tensor([1.0, float("nan")])})
     out = capsys.readouterr().out
-    assert json.loads(out) == {"rank_1": None, "far": [None, 0.5], "n": 3, "p": "x"}
+    assert json.loads(out) == {"rank_1": None, "far": [None, 0.5], "n": 3, "p": "x", "t": [1.0, None]}
     assert "NaN" not in out and "Infinity" not in out
 
 
