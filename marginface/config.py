@@ -390,7 +390,6 @@ INT_RANGES = {
 }
 FLOAT_RANGES = {
     "model.width_mult": (1e-3, 16.0),
-    "optim.lr": (0.0, 1e3),
     "train.epochs": (0.0, 1e6),
 }
 
