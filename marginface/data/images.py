@@ -158,15 +158,28 @@ class _Quiet:
     _file = None
     _pid = -1
 
+    @classmethod
+    def _after_fork(cls) -> None:  # a DataLoader worker gets a fresh lock and its own scratch file
+        cls._lock, cls._file, cls._pid = threading.Lock(), None, -1
+
     def __enter__(self):
         self._lock.acquire()
-        if _Quiet._file is None or _Quiet._pid != os.getpid():
-            _Quiet._file, _Quiet._pid = tempfile.TemporaryFile(buffering=0), os.getpid()
-        self._saved = os.dup(2)
-        os.dup2(_Quiet._file.fileno(), 2)
+        self.text, self._saved = "", None
+        try:
+            if _Quiet._file is None or _Quiet._pid != os.getpid():
+                _Quiet._file, _Quiet._pid = tempfile.TemporaryFile(buffering=0), os.getpid()
+            self._saved = os.dup(2)
+            os.dup2(_Quiet._file.fileno(), 2)
+        except OSError:  # no stderr (a daemon) or no temp dir: decode without capturing
+            if self._saved is not None:
+                os.close(self._saved)
+            self._saved = None
         return self
 
     def __exit__(self, *exc):
+        if self._saved is None:
+            self._lock.release()
+            return False
         os.dup2(self._saved, 2)
         os.close(self._saved)
         fd = _Quiet._file.fileno()
@@ -178,6 +191,10 @@ class _Quiet:
             os.lseek(fd, 0, os.SEEK_SET)
         self._lock.release()
         return False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Quiet._after_fork)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -94,6 +94,8 @@ def read_idx(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise UserError(f"{idx_path}:{line_no}: key and offset must be integers, got {line.strip()!r}") from None
         if offset < 0:
             raise UserError(f"{idx_path}:{line_no}: negative offset {offset}")
+        if not -2**63 <= key < 2**63 or offset >= 2**63:
+            raise UserError(f"{idx_path}:{line_no}: key or offset beyond the 64-bit integer range")
         keys.append(key)
         offsets.append(offset)
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -111,6 +113,9 @@ def _parse_idx_fast(text: str) -> tuple[np.ndarray, np.ndarray] | None:
             return None
     if values.size != 2 * lines or (values.size and values[1::2].min() < 0):
         return None
+    limits = np.iinfo(np.int64)
+    if values.size and (values.max() == limits.max or values.min() == limits.min):
+        return None  # numpy saturates numbers beyond int64: let the line parser name the line
     return values[0::2].copy(), values[1::2].copy()
 
 

@@ -260,6 +260,12 @@ def _pack(labels, header_end=None, image: bytes | None = None, property_classes=
     return build
 
 
+def _pack_idx_key_beyond_int64(d: Path) -> dict:
+    _pack([0.0, 1.0])(d)
+    (d / "train.idx").write_text((d / "train.idx").read_text() + "99999999999999999999999\t0\n")
+    return {"argv": ["data", "inspect", str(d / "train.rec")], "names": ["train.idx", ":4"]}
+
+
 def _pack_image_read(image: bytes):
     def build(d: Path) -> dict:
         spec = _pack([0.0, 1.0], image=image)(d)
@@ -448,6 +454,7 @@ CASES += [
     Case("rec_label_1e12", _pack([0.0, 1e12])),
     Case("rec_label_2e9", _pack([0.0, 2e9])),
     Case("rec_header_1e12_records", _pack([0.0, 1.0], header_end=1e12)),
+    Case("rec_idx_key_beyond_int64", _pack_idx_key_beyond_int64),
     Case("rec_property_1e12_classes", _pack([0.0, 1.0], property_classes=10**12)),
     Case("ijb_template_beyond_int64", _ijb("99999999999999999999999")),
     # configs
