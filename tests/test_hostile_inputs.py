@@ -5,6 +5,7 @@ The cases run in one reusable worker process (torch imported once) with a per-ca
 capped address space, so a hang or a runaway allocation fails the case instead of the machine.
 ``python -m tests.hostile.runner`` prints the same corpus as a table with totals.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def test_hostile_input_is_refused_cleanly(case, worker, tmp_path):
     assert not outcome.left, f"{case.name}: left {outcome.left} behind\n{detail}"
     if spec.get("accept"):
         assert outcome.rc == 0, detail
+        if spec.get("json"):
+            assert json.loads(outcome.stdout) is not None and "NaN" not in outcome.stdout, detail
+        assert verdict == "clean", detail
         return
     assert outcome.rc == 2, detail
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]

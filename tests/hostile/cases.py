@@ -8,7 +8,8 @@ A case's ``build(dir)`` writes what it needs under ``dir`` and returns a spec:
 * ``names``: strings the one ``error:`` line must contain (the file name, a line number, a key);
 * ``outputs``: paths that must not exist afterwards (nothing half-written);
 * ``accept``: True when the right answer is to finish normally (exit 0), e.g. a FIFO inside an
-  image folder is not listed as an image; the case then checks only that nothing hangs.
+  image folder is not listed as an image; the case then checks only that nothing hangs;
+* ``json``: True when stdout must be one valid JSON object (``--json`` with NaN in the data).
 
 Add a case by appending ``Case("name", builder)`` to ``CASES``; ``tests/test_hostile_inputs.py``
 runs them all, ``python -m tests.hostile.runner`` prints the totals.
@@ -99,6 +100,20 @@ def jpeg_claiming(height: int, width: int) -> bytes:
     raise AssertionError("no SOF marker")
 
 
+def gif_claiming(width: int, height: int) -> bytes:
+    return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b",\0\0\0\0\x01\0\x01\0\0\x02\x02D\x01\0;"
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + 12, 0, 0, 54) + dib + b"\0" * 12
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    tags = struct.pack("<HHII", 256, 4, 1, width) + struct.pack("<HHII", 257, 4, 1, height)
+    return b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 2) + tags + struct.pack("<I", 0)
+
+
 # ------------------------------------------------------------------------------- image cases
 def _verify_argv(bad: Path) -> list:
     return ["verify", "--model", str(ONNX_MODEL), "--detector-weights", str(MTCNN), str(bad), str(PHOTO), "--json"]
@@ -117,8 +132,10 @@ def _bad_image(make: Callable[[Path], Path], via: str):
         out = d / "out" / "feats.npy"
         out.parent.mkdir()
         argv = ["embed", "--model", str(ONNX_MODEL), "--images", str(folder), "--out", str(out), "--json"]
-        if not bad.is_file() and not bad.is_dir():  # FIFOs and devices are not listed as images: skipped
-            return {"argv": argv, "accept": True}
+        from marginface.data.sources import IMAGE_EXTENSIONS
+
+        if (not bad.is_file() and not bad.is_dir()) or bad.suffix not in IMAGE_EXTENSIONS:
+            return {"argv": argv, "accept": True}  # FIFOs, devices, .gif: not listed as images, skipped
         return {"argv": argv, "names": [bad.name], "outputs": [out, out.with_suffix(".txt")]}
     return build
 
@@ -156,6 +173,10 @@ IMAGE_KINDS = {
     "png_header_65535x1000": _write("wide.png", png_header_only(65535, 1000, rows=1)),
     "jpeg_header_65500x65500": _write("claims.jpg", jpeg_claiming(65500, 65500)),
     "jpeg_65500_lines": _write("tall.jpg", jpeg_claiming(65500, 16)),
+    "gif_header_65535x65535": _write("claims.gif", gif_claiming(65535, 65535)),
+    "bmp_header_50000x50000": _write("claims.bmp", bmp_claiming(50000, -50000)),
+    "tiff_header_100000x100000": _write("claims.tiff", tiff_claiming(100000, 100000)),
+    "png_header_0x0": _write("empty_size.png", png_header_only(0, 0, rows=0)),
     "fifo": _fifo,
     "dev_zero": _device,
     "truncated_jpeg": _write("cut.jpg", jpeg_bytes(64, 64)[:200]),
@@ -288,14 +309,15 @@ def _ijb(template: str):
 
 
 # ------------------------------------------------------------------------------- reports
-def _compare(body: str):
+def _compare(body: str, accept: bool = False):
     def build(d: Path) -> dict:
         (d / "a").mkdir()
         (d / "b").mkdir()
         good = {"eval": {"lfw": {"accuracy": 0.9}}}
         (d / "a" / "report.json").write_text(body)
         (d / "b" / "report.json").write_text(json.dumps(good))
-        return {"argv": ["eval", "--compare", str(d / "a"), str(d / "b")], "names": ["report.json"]}
+        argv = ["eval", "--compare", str(d / "a"), str(d / "b")] + (["--json"] if accept else [])
+        return {"argv": argv, "names": ["report.json"], "accept": accept, "json": accept}
     return build
 
 
@@ -473,6 +495,9 @@ CASES += [
     Case("compare_list_report", _compare("[1, 2, 3]")),
     Case("compare_deep_json", _compare("[" * 100_000 + "]" * 100_000)),
     Case("compare_nan_object", _compare('{"eval": [NaN]}')),
+    Case("compare_nan_metric_json", _compare('{"eval": {"lfw": {"accuracy": NaN, "auc": Infinity}}}', accept=True)),
+    Case("set_nested_50k", _override("data.val=" + "[" * 50_000 + "]" * 50_000, names=("data.val",))),
+    Case("lfw_pairs_header_1e12", _lfw_dir(b"1000000 1000000\nAlice 1 2\n")),
     # models
     Case("export_nan_weights", _nan_checkpoint),
     Case("onnx_output_dim_0", _onnx_output(["N", 0])),

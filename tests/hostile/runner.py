@@ -87,9 +87,18 @@ class Worker:
         return Outcome(data["rc"], data["stdout"], data["stderr"], time.monotonic() - start)
 
 
-def classify(outcome: Outcome, names: list[str], accept: bool = False) -> str:
+def _one_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict) and len(text.strip().splitlines()) == 1
+    except ValueError:
+        return False
+
+
+def classify(outcome: Outcome, names: list[str], accept: bool = False, json_out: bool = False) -> str:
     if outcome.hung:
         return "hang"
+    if outcome.rc == 0 and accept and json_out and not _one_json_object(outcome.stdout):
+        return "bad-json"
     if outcome.rc == 0:
         return "clean" if accept else "accepted"
     if outcome.left:
@@ -108,7 +117,8 @@ def run_case(worker: Worker, case, root: Path, timeout: float) -> tuple[str, Out
     spec = case.build(case_dir)
     outcome = worker.run(spec, case_dir, timeout)
     outcome.left = [str(p) for p in spec.get("outputs", []) if Path(p).exists()]
-    return classify(outcome, spec.get("names", []), spec.get("accept", False)), outcome, spec
+    verdict = classify(outcome, spec.get("names", []), spec.get("accept", False), spec.get("json", False))
+    return verdict, outcome, spec
 
 
 def main(argv=None) -> int:
