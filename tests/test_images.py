@@ -181,3 +181,16 @@ def test_unaligned_lfw_folder_warns(tmp_path, capsys):
     assert err.count("warning:") == 1 and "unaligned" in err and "250x250" in err
     load_pair_set(_lfw(tmp_path / "crops", 112), image_size=112)  # already aligned crops: quiet
     assert capsys.readouterr().err == ""
+
+
+def test_real_photos_read_as_opencv_reads_them():
+    """The header parser must agree with the decoder on real files of every size and format."""
+    photos = sorted(p for p in need("photos/deepface").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    assert len(photos) > 20
+    for path in photos:
+        image = images.read_image(path)
+        width, height = images.header_size(path.read_bytes())
+        assert image.shape[:2] in ((height, width), (width, height)), path  # EXIF may rotate
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw.ndim == 2 or raw.shape[2] == 3:  # no alpha: exactly OpenCV's RGB
+            assert np.array_equal(image, cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]), path

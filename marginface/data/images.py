@@ -45,8 +45,11 @@ PathLike = Union[str, Path]
 def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
     i, n = 2, len(data)
     while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
+        if data[i] != 0xFF:  # stray bytes between segments: decoders skip them, so do we
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -127,6 +130,8 @@ def header_size(data: bytes) -> Optional[tuple[int, int]]:
         if fmt == "gif":
             return struct.unpack_from("<HH", data, 6)
         if fmt == "bmp":
+            if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                return struct.unpack_from("<HH", data, 18)
             w, h = struct.unpack_from("<ii", data, 18)
             return abs(w), abs(h)
         if fmt == "webp":
