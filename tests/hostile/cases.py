@@ -393,15 +393,15 @@ def _npy_bomb_header(d: Path) -> Path:
 
 
 def _npz_bomb(d: Path) -> dict:
-    """A zip-bomb .npz: one member that inflates to 1 GiB of zeros from ~1 MB (read as a gallery)."""
+    """A zip-bomb .npz: one member that inflates to 256 MiB of zeros from ~250 KB (1000x)."""
     p = d / "bomb.npz"
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (262144, 1024), }"
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (65536, 1024), }"
     header += " " * (-(len(header) + 11) % 64) + "\n"
     with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
         with z.open("embeddings.npy", "w", force_zip64=True) as f:
             f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
             chunk = b"\0" * (1 << 24)
-            for _ in range(64):
+            for _ in range(16):
                 f.write(chunk)
     return {"call": ["marginface.data.arrays:load_npz", [str(p)]], "names": ["bomb.npz"]}
 
