@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from marginface.data.dataset import FaceDataset, normalize_batch
-from marginface.data.recordio import RecordIOSource, decode_image, write_pack
+from marginface.data.images import decode_image
+from marginface.data.recordio import RecordIOSource, write_pack
 from marginface.data.sources import FolderSource
 
 

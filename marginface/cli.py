@@ -6,7 +6,6 @@ line `error: ...` on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=None, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    """The one place --json output is printed: always valid JSON (NaN/inf become null, numpy
+    values plain numbers; ``allow_nan=False`` makes a stray non-finite number fail here, loudly)."""
+    from marginface.jsonout import dumps
+
+    print(dumps(obj))
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -321,9 +324,9 @@ def cmd_embed(args) -> int:
     model, device, amp_dtype, _ = _embedding_model(args)
     if not args.json:
         print(f"embedding {len(files)} images under {args.images}", file=sys.stderr, flush=True)
-    from marginface.data.sources import read_image_file
+    from marginface.data.images import read_image
 
-    features = ident.embed_image_files(model, lambda i: read_image_file(files[i]), len(files), flip=not args.no_flip,
+    features = ident.embed_image_files(model, lambda i: read_image(files[i]), len(files), flip=not args.no_flip,
                                        batch_size=args.batch_size, device=device, normalize=args.normalize,
                                        amp_dtype=amp_dtype)
     written = ident.save_features(args.out, features, files)
@@ -406,7 +409,7 @@ def cmd_data_align(args) -> int:
     from marginface.data.detect import build_detector
     from marginface.data.tools import align_folder
 
-    detector = build_detector(args.detector, **({"weights_dir": args.weights} if args.weights else {}))
+    detector = build_detector(args.detector, weights=args.weights)
     info = align_folder(args.src, args.dst, detector, size=args.size)
     if args.json:
         _print_json(info)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import math
+
 import yaml
 
+from marginface.data.textfiles import read_text
 from marginface.errors import UserError
 
 
@@ -245,6 +248,63 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# ---------------------------------------------------------------------------------------------
+# YAML: plain data only
+
+MAX_YAML_DEPTH = 32  # sections are 2 deep; params/lists add a few. 50k nested lists overflowed the stack
+MAX_YAML_NODES = 100_000
+
+
+class _PlainYAMLError(yaml.YAMLError):
+    def __init__(self, message: str, mark=None):
+        super().__init__(message)
+        self.problem, self.problem_mark = message, mark
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for configs: no aliases (``*name``: a "billion laughs" file expands to
+    billions of strings once walked), no explicit tags (``!!binary``, ``!!python/...``), at most
+    `MAX_YAML_DEPTH` levels of nesting and `MAX_YAML_NODES` nodes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _PlainYAMLError(f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark)
+        tag = getattr(event, "tag", None)  # None unless the text wrote one
+        if tag is not None:
+            raise _PlainYAMLError(f"YAML tags ({tag}) are not allowed; write plain values",
+                                  event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        self._nodes = getattr(self, "_nodes", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _PlainYAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            if self._nodes > MAX_YAML_NODES:
+                raise _PlainYAMLError(f"more than {MAX_YAML_NODES} values", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_yaml(text: str, where: str, refused_only: bool = False):
+    """Plain YAML data from ``text`` (see `_ConfigLoader`); errors name ``where`` and the line.
+    With ``refused_only``, YAML syntax errors propagate (as ``yaml.YAMLError``) and only what
+    `_ConfigLoader` refuses becomes a `UserError`."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        if refused_only and not isinstance(exc, _PlainYAMLError):
+            raise
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}:" if mark and not refused_only else ""
+        raise UserError(f"{where}:{line} invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise UserError(f"{where}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple:
     """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; values are parsed as YAML scalars/lists."""
     if "=" not in text:
@@ -254,9 +314,9 @@ def parse_override(text: str) -> tuple:
     if not key:
         raise UserError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw, f"--set {key}", refused_only=True) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the string itself (a path with odd characters, say)
     return key, value
 
 
@@ -292,12 +352,7 @@ def read_config_file(path: str) -> dict:
             raise UserError(f"{path}: a Python config must define a variable named 'config'")
         data = ns["config"]
         return to_dict(data) if dataclasses.is_dataclass(data) else data
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = _safe_yaml(read_text(p, "config file"), str(path)) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping of config sections")
     return data
@@ -313,7 +368,7 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: st
     """`load_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
     data = copy.deepcopy(data)
     # check the file alone first so its errors name the file
-    from_dict(Config, data, where=where)
+    _check_values(from_dict(Config, data, where=where), where)
     for text in overrides:
         key, value = parse_override(text)
         _check_override_key(key)
@@ -323,17 +378,75 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: st
     return cfg
 
 
+# Every int key must lie in [lo, hi]: a batch of 1e18 or an embedding of 2e9 otherwise reaches the
+# allocator. Keys not listed: 0 .. INT_MAX. Every float key must be finite.
+INT_MAX = 2**31 - 1
+INT_RANGES = {
+    "model.embedding_size": (1, 65536),
+    "model.input_size": (16, 1024),
+    "head.num_subcenters": (1, 64),
+    "data.num_workers": (0, 256),
+    "train.batch_size": (1, 1 << 20),
+    "train.grad_accum": (1, 4096),
+    "eval.batch_size": (1, 1 << 20),
+    "synthetic.identities": (1, 10_000_000),
+    "synthetic.images_per_identity": (1, 100_000),
+    "synthetic.val_identities": (0, 10_000_000),
+    "synthetic.val_images_per_identity": (0, 100_000),
+}
+FLOAT_RANGES = {
+    "model.width_mult": (1e-3, 16.0),
+    "train.epochs": (0.0, 1e6),
+}
+
+
+def _check_values(cfg: "Config", where: str = "") -> None:
+    """Range checks for every numeric key and the run name; messages start with ``where``."""
+    try:
+        _check_numbers(cfg)
+        name = str(cfg.name)
+        if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
+            raise UserError(f"config key 'name' must be a plain run name (the run goes to runs/<name>; pass --out "
+                            f"for another place), got {name!r}")
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def _check_numbers(obj: Any, prefix: str = "") -> None:
+    """Range checks for every numeric key (see `INT_RANGES`, `FLOAT_RANGES`)."""
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            lo, hi = INT_RANGES.get(key, (0, INT_MAX))
+            if not lo <= value <= hi:
+                raise UserError(f"config key '{key}' must be an integer in {lo}..{hi}, got {value}")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise UserError(f"config key '{key}' must be a finite number, got {value}")
+            lo, hi = FLOAT_RANGES.get(key, (-math.inf, math.inf))
+            if not lo <= value <= hi:
+                raise UserError(f"config key '{key}' must be in [{lo:g}, {hi:g}], got {value:g}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(msg)
 
+
     need(cfg.train.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
     need(cfg.train.log_every >= 1, f"config key 'train.log_every' must be >= 1, got {cfg.train.log_every}")
     need(cfg.train.checkpoint_every >= 1,
          f"config key 'train.checkpoint_every' must be >= 1, got {cfg.train.checkpoint_every}")
+    need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    _check_values(cfg)
+    need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
     need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.name in ("sgd", "adamw"), f"config key 'optim.name' must be sgd or adamw, got {cfg.optim.name!r}")
     need(cfg.schedule.name in ("poly", "cosine", "step", "constant"),

@@ -112,7 +112,7 @@ def test_torch_save_round_trip_and_stale_cleanup(tmp_path):
 def test_image_writes_are_checked(tmp_path):
     """`imwrite_rgb` (data synth/convert/align): a failure raises naming the file, where
     ``cv2.imwrite`` returned False and the commands carried on."""
-    from marginface.data.recordio import imwrite_rgb
+    from marginface.data.images import imwrite_rgb
     from marginface.data.sources import read_image_file
 
     image = np.zeros((8, 8, 3), np.uint8)

@@ -143,7 +143,7 @@ def test_bin_odd_image_count_and_label_mismatch(tmp_path):
 def test_bin_undecodable_image_names_index(tmp_path):
     jpg = jpeg_bytes(np.zeros((8, 8, 3), np.uint8))
     path = write_bin(tmp_path / "bad.bin", [jpg, jpg, b"not a jpeg", jpg], [True, False])
-    with pytest.raises(UserError, match=r"image 2 \(pair 1\) is not a decodable image"):
+    with pytest.raises(UserError, match=r"image 2 \(pair 1\): not a readable image"):
         load_bin(path)
 
 

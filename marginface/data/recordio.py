@@ -22,11 +22,11 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import cv2
 import numpy as np
 
+from marginface.data import images
 from marginface.errors import UserError
-from marginface.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, ensure_dir, write_error
+from marginface.io.atomic import atomic_path, atomic_write_text, ensure_dir, write_error
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -95,6 +95,8 @@ def read_idx(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise UserError(f"{idx_path}:{line_no}: key and offset must be integers, got {line.strip()!r}") from None
         if offset < 0:
             raise UserError(f"{idx_path}:{line_no}: negative offset {offset}")
+        if not -2**63 <= key < 2**63 or offset >= 2**63:
+            raise UserError(f"{idx_path}:{line_no}: key or offset beyond the 64-bit integer range")
         keys.append(key)
         offsets.append(offset)
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -112,6 +114,9 @@ def _parse_idx_fast(text: str) -> tuple[np.ndarray, np.ndarray] | None:
             return None
     if values.size != 2 * lines or (values.size and values[1::2].min() < 0):
         return None
+    limits = np.iinfo(np.int64)
+    if values.size and (values.max() == limits.max or values.min() == limits.min):
+        return None  # numpy saturates numbers beyond int64: let the line parser name the line
     return values[0::2].copy(), values[1::2].copy()
 
 
@@ -290,48 +295,21 @@ class RecordIOWriter:
         self._rec.write(b"\0" * (-len(data) % 4))
 
 
-# OpenCV >= 4.10 decodes straight to RGB, which saves a colour-conversion pass per image.
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-
-
-def imdecode_rgb(data: bytes) -> np.ndarray | None:
-    """Encoded image bytes -> RGB uint8 ``H×W×3``, or None when OpenCV cannot decode them."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if _IMREAD_RGB is not None:
-        return cv2.imdecode(buf, _IMREAD_RGB)
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def imwrite_rgb(path: str | Path, image: np.ndarray, params: Sequence[int] = ()) -> Path:
-    """RGB uint8 ``H×W×3`` -> an image file (format from the suffix), written whole or not at all
-    (temp file + rename, `marginface.io.atomic`). A failed encode or write is a `UserError` naming
-    the file (``cv2.imwrite`` would only return False)."""
-    path = Path(path)
-    try:
-        ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image[..., ::-1]), list(params))
-    except cv2.error as exc:
-        raise UserError(f"{path}: cannot encode the image ({str(exc).strip().splitlines()[-1][:200]})") from None
-    if not ok:
-        raise UserError(f"{path}: cannot encode the image")
-    return atomic_write_bytes(path, buf.tobytes(), durable=False)
-
-
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """JPEG/PNG bytes -> RGB uint8 ``H×W×3``; anything else raises ``UserError`` naming ``where``."""
+    """A record's JPEG/PNG payload -> RGB uint8 (`marginface.data.images.decode_image`, which also
+    bounds the pixel count); insightface packs hold nothing else, so other payloads are refused."""
     if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
         raise UserError(f"{where}: payload is not a JPEG or PNG image (starts with {data[:4].hex() or 'nothing'})")
-    image = imdecode_rgb(data)
-    if image is None:
-        raise UserError(f"{where}: image data is corrupt and cannot be decoded")
-    return image
+    return images.decode_image(data, where)
 
 
 def read_property(path: Path) -> tuple[int, int, int] | None:
     """``(num_classes, height, width)`` from an insightface ``property`` file, or None if absent."""
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    from marginface.data.textfiles import read_text
+
+    text = read_text(path, "property file").strip()
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -350,8 +328,15 @@ class RecordIOSource:
         first = int(self.reader.keys[0])
         head = self.reader.read_header(first)
         if head.flag > 0 and first == 0:
-            # insightface layout: record 0 says images are keys 1 .. label[0]-1
-            end = int(head.label[0])
+            # insightface layout: record 0 says images are keys 1 .. label[0]-1; the index bounds how
+            # many there can be, checked before the key range is allocated
+            end_value = float(head.label[0])
+            if not np.isfinite(end_value) or end_value != round(end_value) or not 1 < end_value <= len(self.reader) + 1:
+                raise UserError(
+                    f"{self.rec_path}: header record 0 announces image keys 1..{end_value - 1:g}, but "
+                    f"{self.reader.idx_path.name} lists only {len(self.reader)} records"
+                )
+            end = int(end_value)
             keys = np.arange(1, max(end, 1), dtype=np.int64)
             missing = keys[~self.reader.has_keys(keys)]
             if end <= 1 or missing.size:
@@ -363,11 +348,19 @@ class RecordIOSource:
         else:
             self.keys = self.reader.keys.copy()
         raw = self.reader.read_first_labels(self.keys)
-        if np.any(raw < 0) or np.any(raw != np.round(raw)):
-            i = int(np.flatnonzero((raw < 0) | (raw != np.round(raw)))[0])
-            raise UserError(f"{self.rec_path}: record {self.keys[i]} has label {raw[i]}, expected a class index >= 0")
-        self.labels = raw.astype(np.int64)
         prop = read_property(self.rec_path.parent / "property")
+        if prop and not 1 <= prop[0] <= len(self.keys):
+            raise UserError(f"{self.rec_path.parent / 'property'}: says {prop[0]} classes for {len(self.keys)} "
+                            f"images in {self.rec_path.name}; expected 1..{len(self.keys)}")
+        # labels are class indices 0..C-1: at most one class per image, so a label of 1e12 in a small
+        # pack is refused here instead of sizing a class table by it
+        bound = prop[0] if prop else len(self.keys)
+        bad = ~np.isfinite(raw) | (raw < 0) | (raw != np.round(raw)) | (raw >= bound)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{self.rec_path}: record {self.keys[i]} has label {raw[i]:g}, expected a class index "
+                            f"0..{bound - 1} ({'the property file' if prop else 'one class per image at most'})")
+        self.labels = raw.astype(np.int64)
         seen = int(self.labels.max()) + 1
         self.image_shape = prop[1:] if prop else None
         self.num_classes = prop[0] if prop else seen

@@ -12,13 +12,14 @@ Every source follows one protocol, which the trainer and ``FaceDataset`` code ag
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from marginface.data.recordio import RecordIOSource, imdecode_rgb
+from marginface.data.images import read_image
+from marginface.data.textfiles import csv_rows, read_text
+from marginface.data.recordio import RecordIOSource
 from marginface.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -45,18 +46,7 @@ class Source(Protocol):
     def describe(self) -> str: ...
 
 
-def read_image_file(path: str | Path) -> np.ndarray:
-    """An image file -> RGB uint8 ``H×W×3`` (``UserError`` naming the file when missing or corrupt)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read image ({e.strerror or e})") from None
-    if not data:
-        raise UserError(f"{path}: image file is empty")
-    image = imdecode_rgb(data)
-    if image is None:
-        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
-    return image
+read_image_file = read_image  # the old name; `marginface.data.images.read_image` is the one reader
 
 
 def source_item_name(source: Any, i: int) -> str:
@@ -76,7 +66,7 @@ class _FileListSource:
         return len(self.paths)
 
     def read(self, i: int) -> np.ndarray:
-        return read_image_file(self.paths[i])
+        return read_image(self.paths[i])
 
     def name(self, i: int) -> str:
         return str(self.paths[i])
@@ -144,28 +134,33 @@ class ListSource(_EncodedFileSource):
             raise UserError(f"{self.list_path}: list file not found")
         self.paths = []
         labels: list[int] = []
-        with open(self.list_path, "r", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                fields = parse_list_line(line)
-                if not fields:
-                    continue
-                where = f"{self.list_path}:{line_no}"
-                if len(fields) != 2:
-                    raise UserError(f"{where}: expected 'path<TAB>label', got {line.strip()!r}")
-                rel, label_text = fields
-                try:
-                    label = int(label_text)
-                except ValueError:
-                    raise UserError(f"{where}: label {label_text!r} is not an integer") from None
-                if label < 0:
-                    raise UserError(f"{where}: label {label} is negative")
-                path = self.root / rel
-                if not path.is_file():
-                    raise UserError(f"{where}: image {rel} not found under {self.root}")
-                self.paths.append(path)
-                labels.append(label)
+        line_of: list[int] = []
+        for line_no, line in enumerate(read_text(self.list_path, "list file").splitlines(), 1):
+            fields = parse_list_line(line)
+            if not fields:
+                continue
+            where = f"{self.list_path}:{line_no}"
+            if len(fields) != 2:
+                raise UserError(f"{where}: expected 'path<TAB>label', got {line.strip()!r}")
+            rel, label_text = fields
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise UserError(f"{where}: label {label_text!r} is not an integer") from None
+            if label < 0:
+                raise UserError(f"{where}: label {label} is negative")
+            path = self.root / rel
+            if not path.is_file():
+                raise UserError(f"{where}: image {rel} not found under {self.root}")
+            self.paths.append(path)
+            labels.append(label)
+            line_of.append(line_no)
         if not self.paths:
             raise UserError(f"{self.list_path}: list has no entries")
+        top = max(labels)
+        if top >= len(labels):  # labels are class indices 0..C-1 and every class has an image
+            raise UserError(f"{self.list_path}:{line_of[labels.index(top)]}: label {top} is too large: labels are class "
+                            f"indices 0..C-1 and the list has only {len(labels)} images")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
 
@@ -183,16 +178,18 @@ def _find_first(root: Path, names: Sequence[str]) -> Path | None:
 def _read_vggface2_csv(path: Path, columns: int) -> dict[str, np.ndarray]:
     """``NAME_ID,v1..vN`` rows -> {name: float32[N]}; bad rows raise ``UserError`` (file:line)."""
     table: dict[str, np.ndarray] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row or (line_no == 1 and row[0].strip().upper() == "NAME_ID"):
-                continue
-            if len(row) != columns + 1:
-                raise UserError(f"{path}:{line_no}: expected NAME_ID and {columns} numbers, got {len(row) - 1} values")
-            try:
-                table[row[0].strip()] = np.asarray([float(v) for v in row[1:]], dtype=np.float32)
-            except ValueError:
-                raise UserError(f"{path}:{line_no}: non-numeric value in {row!r}") from None
+    for line_no, row in csv_rows(read_text(path, "CSV file"), str(path)):
+        if not row or (line_no == 1 and row[0].strip().upper() == "NAME_ID"):
+            continue
+        if len(row) != columns + 1:
+            raise UserError(f"{path}:{line_no}: expected NAME_ID and {columns} numbers, got {len(row) - 1} values")
+        try:
+            values = np.asarray([float(v) for v in row[1:]], dtype=np.float64)
+        except ValueError:
+            raise UserError(f"{path}:{line_no}: non-numeric value in {row[:columns + 1]!r}"[:300]) from None
+        if not np.isfinite(values).all() or np.abs(values).max() > 1e6:
+            raise UserError(f"{path}:{line_no}: coordinates must be finite pixel positions, got {row[1:]!r}"[:300])
+        table[row[0].strip()] = values.astype(np.float32)
     return table
 
 
@@ -220,22 +217,21 @@ class VGGFace2Source(_FileListSource):
         boxes = _read_vggface2_csv(bbox_csv, 4) if bbox_csv else {}
         self.paths, self.landmarks, self.boxes = [], [], []
         identity_of: list[str] = []
-        with open(self.list_path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                rel = line.strip()
-                if not rel:
-                    continue
-                name_id = rel.rsplit(".", 1)[0]
-                if name_id not in landmarks and name_id not in boxes:
-                    raise UserError(f"{self.list_path}:{line_no}: {rel} has neither landmarks nor a box in the CSVs")
-                path = image_root / rel
-                if not path.is_file():
-                    raise UserError(f"{self.list_path}:{line_no}: image {rel} not found under {image_root}")
-                pts = landmarks.get(name_id)
-                self.landmarks.append(None if pts is None else pts.reshape(5, 2))
-                self.boxes.append(boxes.get(name_id))
-                self.paths.append(path)
-                identity_of.append(rel.replace("\\", "/").split("/")[0])
+        for line_no, line in enumerate(read_text(self.list_path, "list file").splitlines(), 1):
+            rel = line.strip()
+            if not rel:
+                continue
+            name_id = rel.rsplit(".", 1)[0]
+            if name_id not in landmarks and name_id not in boxes:
+                raise UserError(f"{self.list_path}:{line_no}: {rel} has neither landmarks nor a box in the CSVs")
+            path = image_root / rel
+            if not path.is_file():
+                raise UserError(f"{self.list_path}:{line_no}: image {rel} not found under {image_root}")
+            pts = landmarks.get(name_id)
+            self.landmarks.append(None if pts is None else pts.reshape(5, 2))
+            self.boxes.append(boxes.get(name_id))
+            self.paths.append(path)
+            identity_of.append(rel.replace("\\", "/").split("/")[0])
         if not self.paths:
             raise UserError(f"{self.list_path}: list has no entries")
         self.identities = sorted(set(identity_of))
@@ -246,7 +242,7 @@ class VGGFace2Source(_FileListSource):
     def read(self, i: int) -> np.ndarray:
         from marginface.data.align import align_face, crop_box
 
-        image = read_image_file(self.paths[i])
+        image = read_image(self.paths[i])
         if self.landmarks[i] is not None:
             return align_face(image, self.landmarks[i], size=self.image_size)
         x, y, w, h = self.boxes[i]

@@ -280,7 +280,7 @@ def write_synthetic(out: str, identities: int = 100, images_per_identity: int = 
     from pathlib import Path
 
     src = SyntheticSource(identities, images_per_identity, image_size, seed)
-    from marginface.data.recordio import imwrite_rgb
+    from marginface.data.images import imwrite_rgb
     from marginface.io.atomic import ensure_dir
 
     root = ensure_dir(out)

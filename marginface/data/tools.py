@@ -12,16 +12,16 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
+from marginface.data.images import read_image
 from marginface.data.sources import (
     IMAGE_EXTENSIONS,
     FolderSource,
     ListSource,
     open_source,
     parse_list_line,
-    read_image_file,
     source_item_name,
 )
-from marginface.data.recordio import imwrite_rgb
+from marginface.data.images import imwrite_rgb
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_write, atomic_write_bytes, atomic_write_text, ensure_dir
 
@@ -254,7 +254,7 @@ def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tu
     for file in files:
         rel = file.relative_to(src_path)
         try:
-            image = read_image_file(file)
+            image = read_image(file)
         except UserError as e:
             report["unreadable"].append(str(e))
             continue

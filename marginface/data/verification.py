@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import io
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -24,6 +25,8 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from marginface.data.images import decode_image, read_image
+from marginface.data.textfiles import check_regular_file, csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
@@ -116,26 +119,6 @@ def resize_image(image: np.ndarray, image_size: Optional[ImageSize]) -> np.ndarr
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def decode_image(data: np.ndarray) -> Optional[np.ndarray]:
-    """Encoded image bytes (uint8 array) -> RGB uint8 ``H×W×3``, or None if undecodable."""
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is None:
-        return None
-    return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (np.fromfile + imdecode also copes with non-ASCII paths)."""
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
-    image = decode_image(data)
-    if image is None:
-        raise UserError(f"{path}: not a decodable image")
-    return image
-
-
 def _stack_images(images: Sequence[np.ndarray], source: str, labels: Sequence[str]) -> np.ndarray:
     """Stack equally sized images; name the first odd one out otherwise."""
     if not images:
@@ -191,15 +174,50 @@ class _RefusedGlobal(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class _BinUnpickler(pickle.Unpickler):
-    """Unpickler that admits only the globals a verification .bin needs."""
+    """Unpickler that admits only the globals a verification .bin needs.
+
+    Nothing it builds may be larger than the file itself (``limit`` bytes): ``bytearray(n)`` and
+    numpy's ``_reconstruct(cls, shape, dtype)`` take a size from the pickle, and a 40-byte file
+    asking for ``bytearray(2**33)`` must not get 8 GiB."""
+
+    def __init__(self, file, *, limit: int, **kw):
+        super().__init__(file, **kw)
+        self.limit = limit
+
+    def _bounded(self, what: str, make, size_of):
+        def build(*args):
+            size = size_of(*args)
+            if size > self.limit:
+                raise _TooLarge(f"{what} of {size} bytes")
+            return make(*args)
+        return build
 
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY_GLOBALS:
-            return _numpy_global(module, name)
+            found = _numpy_global(module, name)
+            if name == "_reconstruct":
+                return self._bounded("an array", found, _reconstruct_bytes)
+            return found
         if (module, name) in _PLAIN_GLOBALS:
-            return _PLAIN_GLOBALS[(module, name)]
+            found = _PLAIN_GLOBALS[(module, name)]
+            if found is bytearray:
+                return self._bounded("a bytearray", bytearray,
+                                     lambda *a: a[0] if a and isinstance(a[0], int) else 0)
+            return found
         raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _reconstruct_bytes(cls=None, shape=(0,), dtype=b"b", *rest) -> int:
+    try:
+        dims = [int(shape)] if np.ndim(shape) == 0 else [int(d) for d in shape]
+        return int(np.prod(dims, dtype=object)) * max(1, np.dtype(dtype if not isinstance(dtype, bytes) else dtype.decode()).itemsize)
+    except Exception:
+        return 0
 
 
 def _as_encoded_bytes(item) -> Optional[np.ndarray]:
@@ -217,11 +235,15 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
     ``2 * len(pairs)``. Images must share a size unless ``image_size`` is given.
     """
     path = Path(path)
+    check_regular_file(path, "verification .bin")
     try:
-        with path.open("rb") as file:
-            content = _BinUnpickler(file, encoding="bytes").load()
+        data = path.read_bytes()  # in memory: a length in the pickle cannot make a read allocate more
+        content = _BinUnpickler(io.BytesIO(data), encoding="bytes", limit=len(data)).load()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except _TooLarge as exc:
+        raise UserError(f"{path}: the pickle asks for {exc}, more than the {len(data)}-byte file could hold; "
+                        f"not a verification .bin") from None
     except _RefusedGlobal as exc:
         raise UserError(
             f"{path}: refuses to load global {exc} (a verification .bin holds only images and labels; "
@@ -257,9 +279,7 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
             raise UserError(f"{path}: image {i} is a {type(item).__name__}, not encoded image bytes")
         key = hashlib.blake2b(data.tobytes(), digest_size=16).digest()  # not the whole JPEG as key
         if key not in index_of:
-            image = decode_image(data)
-            if image is None:
-                raise UserError(f"{path}: image {i} (pair {i // 2}) is not a decodable image")
+            image = decode_image(data, f"{path}: image {i} (pair {i // 2})")
             index_of[key] = len(images)
             images.append(resize_image(image, image_size))
             labels.append(f"image {i}")
@@ -278,10 +298,7 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
 
 def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
     """Parse the official pairs.txt -> (line number, name1, n1, name2, n2) per pair."""
-    try:
-        lines = pairs_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{pairs_file}: cannot read ({exc})") from None
+    lines = read_text(pairs_file, "pairs file").splitlines()
     numbered = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise UserError(f"{pairs_file}: empty pairs file")
@@ -324,16 +341,19 @@ def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
     {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path, "landmark file").splitlines(), start=1):
         fields = line.replace(",", " ").split()
         if not fields:
             continue
         if len(fields) != 11:
             raise UserError(f"{path}: line {line_no}: expected an image path and 10 numbers, got {len(fields)} fields")
         try:
-            out[fields[0]] = np.asarray([float(v) for v in fields[1:]], np.float32).reshape(5, 2)
+            values = np.asarray([float(v) for v in fields[1:]], np.float64)
         except ValueError:
             raise UserError(f"{path}: line {line_no}: landmark values must be numbers") from None
+        if not np.isfinite(values).all() or np.abs(values).max() > 1e6:
+            raise UserError(f"{path}: line {line_no}: landmark values must be finite pixel positions")
+        out[fields[0]] = values.astype(np.float32).reshape(5, 2)
     return out
 
 
@@ -343,6 +363,7 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
 
     size = image_size or 112
     points = read_landmarks_file(landmarks) if landmarks else None
+    warned = []
 
     def prepare(image: np.ndarray, rel: str, file: Path) -> np.ndarray:
         if points is not None:
@@ -354,6 +375,12 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
             if not faces:
                 raise UserError(f"{file}: no face found to align (give a landmarks file instead)")
             return align_face(image, faces[0].landmarks, size)
+        if not warned and image.shape[:2] != _hw(size):  # not already aligned crops: say so, once
+            warned.append(True)
+            print(f"warning: {root}: no landmarks.txt and no detector, so faces are used unaligned "
+                  f"({image.shape[1]}x{image.shape[0]} photos resized to {_hw(size)[1]}x{_hw(size)[0]}); expect "
+                  f"accuracy far below the aligned figure (add landmarks.txt or run `marginface data align`)",
+                  file=sys.stderr, flush=True)
         return resize_image(image, image_size)
 
     return prepare
@@ -421,12 +448,12 @@ def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> Pa
     """Read a pairs CSV (``file_x,file_y`` and optionally ``Decision`` Yes/No or ``same`` 1/0)
     into a `PairList` of paths resolved against the CSV's folder; images are not opened."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    text = read_text(path, "pairs CSV")
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise UserError(f"{path}:1: bad CSV header ({exc})") from None
     reader.fieldnames = columns
     missing = [c for c in ("file_x", "file_y") if c not in columns]
     if missing:
@@ -436,8 +463,7 @@ def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> Pa
     paths_a: list[Path] = []
     paths_b: list[Path] = []
     labels: list[bool] = []
-    for row in reader:
-        line_no = reader.line_num
+    for line_no, row in csv_rows(text, str(path), reader):
         file_x, file_y = (row.get("file_x") or "").strip(), (row.get("file_y") or "").strip()
         if not file_x or not file_y:
             raise UserError(f"{path}: line {line_no}: empty file_x or file_y")

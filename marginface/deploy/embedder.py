@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
 from marginface.errors import UserError
 
 ImageLike = Union[str, Path, np.ndarray]
@@ -51,56 +52,7 @@ class DetectedFace:
         return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
 
 
-def read_rgb(path: Union[str, Path]) -> np.ndarray:
-    """Any image file -> RGB uint8 ``H×W×3``.
-
-    EXIF orientation is applied; grayscale becomes RGB; 16-bit images are scaled to 8 bits;
-    an alpha channel is composited onto white (a transparent background is not black hair).
-    """
-    path = Path(path)
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
-    if data.size == 0:
-        raise UserError(f"{path}: image file is empty")
-    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if raw.ndim == 3 and raw.shape[2] == 4:
-        rgba = _to_uint8(raw)
-        alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
-        rgb = rgba[:, :, 2::-1].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        return np.ascontiguousarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
-    # everything else: let OpenCV apply EXIF orientation and expand gray / reduce depth
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.uint16:
-        return (image >> 8).astype(np.uint8)
-    return np.clip(image.astype(np.float32) * (255.0 / max(float(image.max()), 1e-6)), 0, 255).astype(np.uint8)
-
-
-def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """An in-memory image (gray ``H×W``, ``H×W×1``, RGB, RGBA; uint8/uint16/float) -> RGB uint8."""
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
-        raise UserError(f"{name}: expected an H×W, H×W×3 or H×W×4 image, got shape {arr.shape}")
-    arr = _to_uint8(arr)
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
-        arr = np.clip(arr[:, :, :3] * alpha + 255.0 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+read_rgb = read_image  # the old name; `marginface.data.images` is the one image reader
 
 
 class FaceEmbedder:
@@ -174,9 +126,10 @@ class FaceEmbedder:
         """All faces, largest first, each with its aligned crop; [] when there is none."""
         rgb, name = self.load_image(image, name)
         found, padded = self._detect_scaled(rgb), False
-        if not found and self.pad_fraction > 0:
-            h, w = rgb.shape[:2]
-            pad = int(round(max(h, w) * self.pad_fraction))
+        h, w = rgb.shape[:2]
+        pad = int(round(max(h, w) * self.pad_fraction))
+        # the padded copy of a 60000x16 strip would be 8 GB: no retry beyond the pixel limit
+        if not found and self.pad_fraction > 0 and (h + 2 * pad) * (w + 2 * pad) <= MAX_PIXELS:
             border = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
             found = [((b[0] - pad, b[1] - pad, b[2] - pad, b[3] - pad), s, lm - pad)
                      for b, s, lm in self._detect_scaled(border)]
@@ -209,6 +162,9 @@ class FaceEmbedder:
         if crops.ndim == 3:
             crops = crops[None]
         raw = embed_images(self.model, crops, batch_size=self.batch_size, flip=self.flip, normalize=self.normalize)
+        if not np.isfinite(raw).all():  # a NaN probe would pass every comparison (NaN < t is False)
+            raise UserError(f"{getattr(self.model, 'model_path', None) or 'model'}: the model gave NaN/inf "
+                            f"embeddings (broken weights or an overflow at this precision)")
         return l2_normalize(raw.astype(np.float64)).astype(np.float32)
 
     def embed(self, image: ImageLike, name: Optional[str] = None) -> np.ndarray:

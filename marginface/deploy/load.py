@@ -65,6 +65,11 @@ def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") ->
     ckpt = load_checkpoint(path)
     cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
     cfg.model.pretrained = None  # the checkpoint holds the weights
+    state = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    bad = next((k for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged run: exporting or evaluating it would only fail later, less clearly
+        raise UserError(f"{path}: weight '{bad}' holds NaN or inf values (did training diverge?); refusing to load it")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])

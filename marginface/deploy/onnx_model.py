@@ -25,6 +25,10 @@ from marginface.errors import UserError
 NORMALIZE_NAMES = ("arcface", "imagenet")
 
 
+MAX_EMBEDDING_SIZE = 65536  # a declared output dimension beyond this (or 0) is not an embedding
+MAX_INPUT_SIDE = 4096
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -160,9 +164,12 @@ class OnnxEmbedder:
             raise UserError(f"{self.path}: not a face-embedding model: input {inputs[0].name!r} has shape "
                             f"{shape}, expected N×3×H×W (RGB/BGR NCHW with a fixed H, W)")
         out_dims = [_dim(d) for d in proto.graph.output[0].type.tensor_type.shape.dim]
-        if len(out_dims) != 2:
+        if len(out_dims) != 2 or (out_dims[1] is not None and not 1 <= out_dims[1] <= MAX_EMBEDDING_SIZE):
             raise UserError(f"{self.path}: not a face-embedding model: output {proto.graph.output[0].name!r} "
-                            f"has shape {out_dims}, expected N×D")
+                            f"has shape {out_dims}, expected N×D with 1 <= D <= {MAX_EMBEDDING_SIZE}")
+        if not (shape[2] <= MAX_INPUT_SIDE and shape[3] <= MAX_INPUT_SIDE):
+            raise UserError(f"{self.path}: input {inputs[0].name!r} of {shape[2]}x{shape[3]} pixels is larger than "
+                            f"{MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}; not a face-embedding model")
         self.input_name = inputs[0].name
         self.output_name = proto.graph.output[0].name
         self.input_size = (int(shape[2]), int(shape[3]))

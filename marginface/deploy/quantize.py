@@ -61,7 +61,7 @@ def load_calibration_images(folder: Union[str, Path], input_size: tuple[int, int
     crops like the ones the model will see (e.g. ``marginface data align`` output)."""
     import cv2
 
-    from marginface.data.verification import read_image
+    from marginface.data.images import read_image
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -318,6 +318,12 @@ def _open_feature_matrix(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable .npy feature matrix ({exc})") from None
     if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
         raise UserError(f"{path}: expected an N×D float feature matrix, got shape {matrix.shape} {matrix.dtype}")
+    rows = max(1, (64 << 20) // max(1, matrix.shape[1] * matrix.itemsize))  # one pass, 64 MB at a time
+    for start in range(0, matrix.shape[0], rows):
+        finite = np.isfinite(matrix[start:start + rows]).all(axis=1)
+        if not finite.all():
+            raise UserError(f"{path}: row {start + int(np.argmin(finite))} holds NaN or inf; "
+                            f"distractor features must be finite")
     return matrix
 
 
@@ -350,6 +356,9 @@ def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *, f
         images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
         blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
                                    normalize=normalize, amp_dtype=amp_dtype))
+        if not np.isfinite(blocks[-1]).all():
+            raise UserError(f"{getattr(model, 'model_path', None) or 'model'}: the model gave NaN/inf embeddings "
+                            f"(broken weights or an overflow at this precision)")
     return np.concatenate(blocks).astype(np.float32, copy=False)
 
 
@@ -405,7 +414,7 @@ def evaluate_identification_folders(
     ``fpir_targets`` (as requested; `tpir_at_fpir` holds those the non-mated probes support) and
     ``sources`` (the paths) to the metrics.
     """
-    from marginface.data.sources import read_image_file
+    from marginface.data.images import read_image
 
     # Every cheap check before the first (slow) forward pass.
     gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
@@ -432,7 +441,7 @@ def evaluate_identification_folders(
             distractor_feats.append(part)
         else:
             files = part
-            distractor_feats.append(embed(f"distractors {path}", lambda i: read_image_file(files[i]), len(files)))
+            distractor_feats.append(embed(f"distractors {path}", lambda i: read_image(files[i]), len(files)))
 
     def names(src) -> list[str]:  # identity labels are the folder names, so gallery and probes match by name
         return [src.identities[label] for label in src.labels]

@@ -91,9 +91,12 @@ def _read_rows(path: Path, fields: Union[int, Sequence[int]], what: str) -> list
 
 def _ints(path: Path, number: int, values: Sequence[str]) -> list[int]:
     try:
-        return [int(v) for v in values]
+        ints = [int(v) for v in values]
     except ValueError:
         raise UserError(f"{path}: line {number}: expected integers, got {' '.join(values)!r}") from None
+    if any(not -2**63 <= v < 2**63 for v in ints):  # ids are stored as int64
+        raise UserError(f"{path}: line {number}: id out of the 64-bit integer range: {' '.join(values)[:80]!r}")
+    return ints
 
 
 def read_ijb(root: Union[str, Path]) -> IJBProtocol:
@@ -257,7 +260,7 @@ def ijb_image_views(
     Images are read, aligned and embedded in batches (IJB-C's 469k faces never sit in memory at
     once); each distinct image name is embedded once.
     """
-    from marginface.data.verification import read_image
+    from marginface.data.images import read_image
     from marginface.evaluate.runner import embed_views
 
     if align is None:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -137,21 +136,7 @@ def evaluate_suite(
 # JSON
 
 
-def json_safe(obj):
-    """Plain JSON values: NaN/inf -> None, numpy scalars/arrays -> Python numbers/lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+from marginface.jsonout import json_safe  # noqa: E402  (one implementation; re-exported here)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -167,11 +152,16 @@ def load_report(path: Union[str, Path]) -> dict:
     if not file.is_file():
         raise UserError(f"{path}: no report.json (run `marginface eval --model RUN --sets ...` or train first)")
     try:
-        report = json.loads(file.read_text())
+        report = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{file}: not a readable report ({exc})") from None
+        raise UserError(f"{file}: not a readable report ({str(exc)[:200]})") from None
+    except RecursionError:  # "[[[[...": json nests by recursion
+        raise UserError(f"{file}: not a readable report (JSON nested too deeply)") from None
     if not isinstance(report, dict) or not isinstance(report.get("eval", {}), dict):
         raise UserError(f"{file}: not a marginface report (no 'eval' object)")
+    bad = next((k for k, v in report.get("eval", {}).items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise UserError(f"{file}: not a marginface report ('eval.{bad}' is not an object of metrics)")
     return report
 
 

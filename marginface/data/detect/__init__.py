@@ -10,8 +10,13 @@ from marginface.errors import UserError
 DETECTORS = ("mtcnn", "retinaface")
 
 
-def build_detector(name: str = "mtcnn", **kw: Any) -> Any:
-    """``mtcnn`` (weights via ``marginface data get-detector``) or ``retinaface`` (a local checkpoint)."""
+def build_detector(name: str = "mtcnn", weights: Any = None, **kw: Any) -> Any:
+    """``mtcnn`` (weights via ``marginface data get-detector``) or ``retinaface`` (a local checkpoint).
+
+    ``weights``: where the detector's weights are (MTCNN: its folder; RetinaFace: the file or its
+    folder), whichever detector it is; None looks in the usual places."""
+    if weights is not None:
+        kw["weights_dir" if name == "mtcnn" else "weights"] = weights
     if name == "mtcnn":
         return MTCNNDetector(**kw)
     if name == "retinaface":
