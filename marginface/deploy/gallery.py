@@ -334,7 +334,7 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
     db, folder = Path(db), Path(folder)
     check_enroll_target(db, folder)
     fingerprint, probe = embedder.fingerprint()
-    skip, existing = None, None
+    skip, existing = None, None  # skip: already-enrolled images (set below for an existing gallery)
     if db.is_file() and db.stat().st_size > 0:  # an existing gallery: same model, and what it already holds
         existing = GalleryStore(db)
         existing.check_model(fingerprint, probe)
