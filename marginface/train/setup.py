@@ -13,6 +13,7 @@ from torch import nn
 
 from marginface.config import Config, DataConfig, HeadConfig, ModelConfig, OptimConfig
 from marginface.errors import UserError
+from marginface.hardware import has_fast_bf16
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -36,13 +37,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
-    return any(bool(c()) for c in checks if c is not None)
-
-
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``train.amp`` on ``device`` (None = plain fp32)."""
     if amp == "none":
@@ -56,7 +50,7 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     # auto
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if has_fast_bf16() else None
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
