@@ -367,4 +367,7 @@ def test_int8_compiled_package_keeps_accuracy(trained_run, tmp_path):
     held_out = synthetic_pair_set(200, 6, 2000, image_size=32, seed=5, name="held_out")
     acc = {name: evaluate_pair_set(load_model(p, trust_code=True), held_out)["accuracy"]
            for name, p in (("fp32", trained_run), ("int8", out))}
-    assert acc["fp32"] - acc["int8"] <= 0.005, acc
+    # 8-bit weights: within 0.5 points. Where oneDNN lacks VNNI the weights are 7-bit (no int16
+    # saturation, docs/deployment.md), twice the rounding step: within 1 point (0.65 measured, AVX2 EPYC).
+    allowed = 0.005 if report["metadata"]["int8_weight_range"] == [-128, 127] else 0.01
+    assert acc["fp32"] - acc["int8"] <= allowed, acc

@@ -80,7 +80,7 @@ def commands(root: Path, model: Path) -> dict:
         "identify": ["identify", "--model", model, "--gallery", faces, "--probes", faces],
         "embed": ["embed", "--model", model, "--images", faces, "--out", root / "feats.npy"],
         "verify": ["verify", faces / "a" / "0.png", faces / "b" / "0.png", "--model", model],
-        "gallery enroll": ["gallery", "enroll", faces, "--db", root / "g.npz", "--model", model],
+        "gallery enroll": ["gallery", "enroll", faces, "--db", root / "g.sqlite", "--model", model],
         "bench": ["bench", model, "--runs", "1"],
     }
 
