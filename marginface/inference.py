@@ -245,9 +245,10 @@ class EmbedOptions:
         return self.normalize or info.normalize
 
     @classmethod
-    def make(cls, options: Optional["EmbedOptions"] = None, **keywords) -> "EmbedOptions":
-        """``options`` (or the defaults) with the keywords given as not None laid over it: how the
-        functions that still take loose keywords turn them into one value."""
-        base = options if options is not None else cls()
+    def make(cls, options: Optional["EmbedOptions"] = None, *, default: Optional["EmbedOptions"] = None,
+             **keywords) -> "EmbedOptions":
+        """``options`` (else ``default``, else the defaults) with the keywords given as not None
+        laid over it: how the functions that still take loose keywords turn them into one value."""
+        base = options if options is not None else (default if default is not None else cls())
         changes = {k: v for k, v in keywords.items() if v is not None}
         return base.replace(**changes) if changes else base

@@ -171,3 +171,23 @@ def test_onnx_torchscript_and_compiled_info(checkpoint, tmp_path):
     compiled = CompiledEmbedder(source, "bf16")  # compiles on its first call only: not here
     assert compiled.info == source.info.replace(kind="compiled", precision="bf16")
     assert source.info.kind == "checkpoint"  # the source model is untouched
+
+
+def test_face_embedder_leaves_the_callers_model_alone():
+    from marginface.deploy.embedder import FaceEmbedder
+    from marginface.deploy.load import random_backbone
+    from marginface.evaluate.runner import embed_images, l2_normalize
+
+    model = random_backbone("mbf", embedding_size=16, input_size=32, width_mult=0.25).train()
+    before = (model.info, model.normalize, model.training)
+    fe = FaceEmbedder(model, normalize="imagenet", detector=object(), options=EmbedOptions(batch_size=3))
+    assert (model.info, model.normalize, model.training) == before
+    assert fe.info.normalize == fe.normalize == "imagenet" and fe.input_size == (32, 32)
+    assert (fe.flip, fe.batch_size, fe.options.normalize) == (True, 3, "imagenet")
+    crops = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    got = fe.embed_crops(crops)
+    want = l2_normalize(embed_images(model, crops, normalize="imagenet").astype(np.float64))
+    assert np.allclose(got, want, atol=1e-5) and model.training  # eval only during the call
+    assert not np.allclose(got, l2_normalize(embed_images(model, crops).astype(np.float64)), atol=1e-3)
+    assert FaceEmbedder(model, detector=object(), flip=False, batch_size=0).options == \
+        EmbedOptions(flip=False, batch_size=1, normalize="arcface")
