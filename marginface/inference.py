@@ -60,6 +60,21 @@ def as_hw(size: Any, where: str = "input_size") -> Optional[tuple[int, int]]:
     return hw
 
 
+def pick_threshold(last_eval: dict, best_metric: str = "") -> tuple[Optional[float], Optional[str]]:
+    """The eval-time threshold of a checkpoint's ``last_eval``: the set named by the run's
+    ``eval.best_metric`` ("<set>/<metric>") if it has one, else the first set that reports one."""
+    if not isinstance(last_eval, dict) or not last_eval:
+        return None, None
+    preferred = best_metric.split("/", 1)[0] if best_metric else ""
+    names = ([preferred] if preferred in last_eval else []) + [n for n in last_eval if n != preferred]
+    for name in names:
+        metrics = last_eval.get(name)
+        value = metrics.get("threshold") if isinstance(metrics, dict) else None
+        if isinstance(value, (int, float)) and value == value:  # not NaN
+            return float(value), str(name)
+    return None, None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model is, resolved once by its loader.

@@ -136,6 +136,9 @@ def test_checkpoint_and_random_backbone_info(checkpoint):
     assert load_model(checkpoint, normalize="arcface").info.normalize == "arcface"
     with pytest.raises(UserError, match="'bgr'"):
         load_model(checkpoint, normalize="bgr")
+    from marginface.train.checkpoint import load_backbone  # the training side's loader: the same info
+
+    assert load_backbone(str(checkpoint)).info == info
     rnd = random_backbone("mbf", embedding_size=32, input_size=48, width_mult=0.25)
     assert rnd.info == ModelInfo(input_size=(48, 48), embedding_size=32, kind="random", backbone="mbf")
     _embeds(rnd, rnd.info)

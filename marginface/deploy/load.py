@@ -27,7 +27,7 @@ import torch
 
 from marginface.errors import UserError
 from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo,
-                                  check_normalize)
+                                  check_normalize, pick_threshold)
 from marginface.io.trust import COMPILED, TORCHSCRIPT, code_kind, refuse_untrusted
 
 TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
@@ -47,21 +47,6 @@ def _attach(model, info: ModelInfo):
     model.backbone_name = info.backbone
     model.model_path = info.source
     return model
-
-
-def pick_threshold(last_eval: dict, best_metric: str = "") -> tuple[Optional[float], Optional[str]]:
-    """The eval-time threshold of a checkpoint's ``last_eval``: the set named by the run's
-    ``eval.best_metric`` ("<set>/<metric>") if it has one, else the first set that reports one."""
-    if not isinstance(last_eval, dict) or not last_eval:
-        return None, None
-    preferred = best_metric.split("/", 1)[0] if best_metric else ""
-    names = ([preferred] if preferred in last_eval else []) + [n for n in last_eval if n != preferred]
-    for name in names:
-        metrics = last_eval.get(name)
-        value = metrics.get("threshold") if isinstance(metrics, dict) else None
-        if isinstance(value, (int, float)) and value == value:  # not NaN
-            return float(value), str(name)
-    return None, None
 
 
 def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") -> torch.nn.Module:
