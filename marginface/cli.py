@@ -185,18 +185,23 @@ def _eval_model_info(model) -> dict:
 
     from marginface.models import count_parameters
 
-    return {"backbone": getattr(model, "backbone_name", None) or type(model).__name__,
+    info = model.info
+    # reports have always named an exported file's wrapper class here, not the metadata's backbone
+    backbone = info.backbone if info.kind in ("checkpoint", "random") else None
+    return {"backbone": backbone or type(model).__name__,
             "params": count_parameters(model) if isinstance(model, torch.nn.Module) else None,
-            "embedding_size": getattr(model, "embedding_size", None)}
+            "embedding_size": info.embedding_size}
 
 
 def _embedding_model(args) -> tuple:
-    """``(model, device, amp_dtype, model_info)`` from ``--model/--normalize/--device/--precision/
-    --compile`` (eval, identify, embed): bf16 is autocast unless compiled; int8 exists only as a
-    compiled x86 path (`marginface.deploy.compiled`), calibrated on the first --batch-size images."""
+    """``(model, EmbedOptions, model_info)`` from ``--model/--normalize/--device/--precision/
+    --compile/--no-flip/--batch-size`` (eval, identify, embed): bf16 is autocast unless compiled;
+    int8 exists only as a compiled x86 path (`marginface.deploy.compiled`), calibrated on the first
+    --batch-size images."""
     import torch
 
     from marginface.deploy.load import load_model
+    from marginface.inference import EmbedOptions
 
     model = load_model(args.model, normalize=args.normalize, trust_code=args.trust_code)
     device = _eval_device(args.device, model)
@@ -206,8 +211,12 @@ def _embedding_model(args) -> tuple:
     if _compiled(args):
         from marginface.deploy.compiled import CompiledEmbedder
 
-        return CompiledEmbedder(model, args.precision, device=device), device, None, info
-    return model, device, (torch.bfloat16 if args.precision == "bf16" else None), info
+        model, amp_dtype = CompiledEmbedder(model, args.precision, device=device), None
+    else:
+        amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    options = EmbedOptions(flip=not args.no_flip, batch_size=args.batch_size, device=device,
+                           normalize=args.normalize, amp_dtype=amp_dtype)
+    return model, options, info
 
 
 def _compiled(args) -> bool:
@@ -264,11 +273,10 @@ def cmd_eval(args) -> int:
         raise UserError("eval needs --model and --sets (or --compare RUN_A RUN_B)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, device, amp_dtype, model_info = _embedding_model(args)
+    model, options, model_info = _embedding_model(args)
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     results, curves, sources = rep.evaluate_suite(
-        model, args.sets, flip=not args.no_flip, batch_size=args.batch_size, device=device,
-        normalize=args.normalize, amp_dtype=amp_dtype, detector_score=not args.no_detector_score, log=log)
+        model, args.sets, options=options, detector_score=not args.no_detector_score, log=log)
     out = args.out or (args.model if Path(args.model).is_dir() else None)
     written = None
     if out:
@@ -294,12 +302,11 @@ def cmd_identify(args) -> int:
     bad = [f for f in args.fpir if not 0 < f <= 1]
     if bad:
         raise UserError(f"--fpir: each target must be in (0, 1], got {bad[0]}")
-    model, device, amp_dtype, _ = _embedding_model(args)  # the same loader as `eval`
+    model, options, _ = _embedding_model(args)  # the same loader as `eval`
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     result = ident.evaluate_identification_folders(
-        model, args.gallery, args.probes, args.distractors or [], flip=not args.no_flip,
-        batch_size=args.batch_size, device=device, normalize=args.normalize, ranks=sorted({1, args.top}),
-        fpir_targets=args.fpir, chunk_size=args.chunk_size, amp_dtype=amp_dtype, log=log)
+        model, args.gallery, args.probes, args.distractors or [], options=options, ranks=sorted({1, args.top}),
+        fpir_targets=args.fpir, chunk_size=args.chunk_size, log=log)
     result["precision"], result["compiled"] = args.precision, _compiled(args)
     written = ident.write_identification_report(args.out, result) if args.out else None
     if args.json:
@@ -321,14 +328,12 @@ def cmd_embed(args) -> int:
     if not args.out.lower().endswith(".npy"):
         raise UserError(f"--out {args.out}: the feature file must end in .npy")
     files = ident.image_files(Path(args.images), "--images")  # cheap checks before loading the model
-    model, device, amp_dtype, _ = _embedding_model(args)
+    model, options, _ = _embedding_model(args)
     if not args.json:
         print(f"embedding {len(files)} images under {args.images}", file=sys.stderr, flush=True)
     from marginface.data.images import read_image
 
-    features = ident.embed_image_files(model, lambda i: read_image(files[i]), len(files), flip=not args.no_flip,
-                                       batch_size=args.batch_size, device=device, normalize=args.normalize,
-                                       amp_dtype=amp_dtype)
+    features = ident.embed_image_files(model, lambda i: read_image(files[i]), len(files), options=options)
     written = ident.save_features(args.out, features, files)
     result = {**written, "images": len(files), "dim": int(features.shape[1]), "flip": not args.no_flip,
               "precision": args.precision, "compiled": _compiled(args)}

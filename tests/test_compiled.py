@@ -39,7 +39,8 @@ def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fp32_matches_eager_in_padded_chunks_and_leaves_the_model_alone(model, batch, reference):
     embedder = CompiledEmbedder(model, "fp32", batch_size=4)  # 5 images: a full chunk + a padded one
-    assert embedder.input_size == model.input_size and embedder.embedding_size == 64
+    assert embedder.info.input_size == (model.input_size,) * 2 and embedder.info.embedding_size == 64
+    assert (embedder.info.kind, embedder.info.precision) == ("compiled", "fp32")
     out = embedder(batch)
     assert out.shape == (5, 64) and out.dtype == torch.float32
     assert min_cosine(out, reference) > 0.9999

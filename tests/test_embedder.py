@@ -233,7 +233,7 @@ def test_embedder_with_our_export(tmp_path):
     from marginface.deploy.load import random_backbone
 
     model = random_backbone("mbf", input_size=112, width_mult=0.25)
-    model.threshold, model.threshold_source = 0.42, "synthetic"
+    model.info = model.info.replace(threshold=0.42, threshold_source="synthetic")  # what export records
     export_onnx(model, tmp_path / "m.onnx")
     fe = FaceEmbedder(tmp_path / "m.onnx", detector_weights=need("weights/mtcnn"), threads=1)
     assert fe.threshold == pytest.approx(0.42) and fe.normalize == "arcface"

@@ -335,7 +335,8 @@ def test_compiled_package_export_load_bench_and_bad_files(trained_run, tmp_path)
         load_model(out)  # opening a package loads its native code: only when asked
     reference, package = load_model(trained_run), load_model(out, trust_code=True)
     assert isinstance(package, CompiledEmbedder) and package.model_path == str(out)
-    assert (package.input_size, package.embedding_size) == (reference.input_size, 128)
+    assert (package.info.input_size, package.info.embedding_size) == (reference.info.input_size, 128)
+    assert package.info == reference.info.replace(kind="compiled", source=str(out))
     assert package.threshold == pytest.approx(reference.threshold) and package.normalize == reference.normalize
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # 2 + 2 + 1 padded
     with torch.no_grad():

@@ -30,6 +30,7 @@ import torch
 
 from marginface import malloc
 from marginface.errors import UserError
+from marginface.inference import ModelInfo
 
 Runner = Callable[[np.ndarray], object]
 
@@ -400,33 +401,33 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
             runtimes = ["compiled-package"]
             sizes["pt2"] = round(file_mb(spec_path), 3)
             result.update(params=None, file_mb=sizes["pt2"], gmacs=None, input_size=list(hw),
-                          embedding_size=package.embedding_size, precision=package.precision,
+                          embedding_size=package.info.embedding_size, precision=package.info.precision,
                           compiled_batch=package.batch_size)
         elif spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".onnx":
             onnx_model = load_model(spec_path, normalize, threads=1)
-            hw = tuple(onnx_model.input_size)
+            hw = onnx_model.info.input_size
             ctx = BenchContext(hw, threads, workdir, onnx_path=spec_path, given_onnx=spec_path,
-                               normalize=onnx_model.normalize)
+                               normalize=onnx_model.info.normalize)
             if onnx_model.quantized:  # the file is int8 already: time it as such
                 ctx._quantized[_int8_options().describe()] = spec_path
             params, macs = onnx_params_and_macs(spec_path)
             sizes["onnx-int8" if onnx_model.quantized else "onnx"] = round(file_mb(spec_path), 3)
             result.update(params=params, file_mb=round(file_mb(spec_path), 3), gmacs=round(macs / 1e9, 4),
-                          input_size=list(hw), embedding_size=onnx_model.embedding_size,
+                          input_size=list(hw), embedding_size=onnx_model.info.embedding_size,
                           quantized=bool(onnx_model.quantized))
             if onnx_model.quantized:
                 runtimes = ["onnxruntime-int8" if r == "onnxruntime" else r for r in runtimes
                             if r != "onnxruntime-int8"] or ["onnxruntime-int8"]
         else:
             model = load_source(model_spec, backbone=backbone, embedding_size=embedding_size, input_size=input_size)
-            size = getattr(model, "input_size", 112)
-            hw = (size, size) if isinstance(size, int) else tuple(size)
-            ctx = BenchContext(hw, threads, workdir, model=model, normalize=getattr(model, "normalize", "arcface"))
-            if spec_path is not None and getattr(model, "model_path", None):
-                sizes["checkpoint"] = round(file_mb(model.model_path), 3)
+            info = ModelInfo.of(model)
+            hw = info.image_size
+            ctx = BenchContext(hw, threads, workdir, model=model, normalize=info.normalize)
+            if spec_path is not None and info.source:
+                sizes["checkpoint"] = round(file_mb(info.source), 3)
             sizes["onnx"] = round(file_mb(ctx.fp32_onnx()), 3)
             result.update(params=count_parameters(model), file_mb=sizes["onnx"], gmacs=round(count_macs(model) / 1e9, 4),
-                          input_size=list(hw), embedding_size=getattr(model, "embedding_size", None))
+                          input_size=list(hw), embedding_size=info.embedding_size)
         latency, throughput, skipped, agreement = {}, {}, {}, {}
         x1 = _bench_input(hw, 1)
         xb = _bench_input(hw, throughput_batch)

@@ -38,11 +38,13 @@ from typing import Optional, Union
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import DEFAULT_NORMALIZE, InfoAttributes, ModelInfo
 from marginface.hardware import has_int8_dot_product, int8_weight_range, missing_features
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PACKAGE_METADATA = "marginface"  # key of our JSON in a .pt2 package's metadata
 DEFAULT_CHUNK = {"cpu": 16, "cuda": 128}  # images per compiled call when batch_size is None
+# the `ModelInfo` fields a package records (in its metadata, under these names since the first packages)
 _COPIED_ATTRIBUTES = ("input_size", "embedding_size", "normalize", "threshold", "threshold_source", "model_path")
 
 
@@ -102,12 +104,11 @@ def quantize_x86(model: torch.nn.Module, calibration: torch.Tensor,
     return quantized
 
 
-class CompiledEmbedder:
+class CompiledEmbedder(InfoAttributes):
     """``embedder(x)`` for a normalised float ``N×3×H×W`` batch -> ``N×D`` float32, compiled by Inductor.
 
-    The model attributes the rest of the project reads (``input_size``, ``normalize``, ...) are
-    carried over, so the evaluation runner, ``marginface bench`` and the pipeline can use it in
-    place of the model.
+    Its ``info`` is the source model's `ModelInfo` with ``kind="compiled"`` and this precision, so
+    the evaluation runner, ``marginface bench`` and the pipeline can use it in place of the model.
     """
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: Optional[int] = None,
@@ -125,9 +126,7 @@ class CompiledEmbedder:
         if not isinstance(model, torch.nn.Module) or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
             raise UserError("compiled inference needs a PyTorch model (run directory or checkpoint), not "
                             f"{type(model).__name__} (an ONNX model gets int8 from `marginface export --int8`)")
-        for name in _COPIED_ATTRIBUTES:
-            if hasattr(model, name):
-                setattr(self, name, getattr(model, name))
+        self.info = ModelInfo.of(model).replace(kind="compiled", precision=precision)
         self.precision, self.batch_size = precision, batch_size
         self._source, self._calibration, self._compiled = model, calibration, None
         self._package: Optional[str] = None  # the compiled .pt2, once built
@@ -161,8 +160,9 @@ class CompiledEmbedder:
 
     def _metadata(self) -> dict:
         """What `load` needs to run a saved package as this embedder ran it."""
-        meta = {name: getattr(self, name, None) for name in _COPIED_ATTRIBUTES if name != "model_path"}
-        meta = {**meta, "precision": self.precision, "batch_size": self.batch_size, "device": self.device.type,
+        info = self.info.to_dict()
+        meta = {name: info[name] for name in _COPIED_ATTRIBUTES if name != "model_path"}
+        meta = {**meta, "backbone": info["backbone"], "precision": self.precision, "batch_size": self.batch_size, "device": self.device.type,
                 "image_shape": list(self._image_shape), "torch": torch.__version__}
         if self.precision == "int8":
             meta["int8_weight_range"] = list(self._weight_range)
@@ -211,11 +211,15 @@ class CompiledEmbedder:
                             "VNNI) would saturate into wrong embeddings; export it again on this machine "
                             "(it then uses 7-bit weights)")
         embedder = cls.__new__(cls)
-        for name in _COPIED_ATTRIBUTES:
-            if name in meta:
-                setattr(embedder, name, tuple(meta[name]) if isinstance(meta[name], list) else meta[name])
-        embedder.normalize = normalize or meta.get("normalize") or "arcface"
-        embedder.model_path, embedder.metadata = str(path), meta
+        try:
+            embedder.info = ModelInfo(
+                input_size=meta.get("input_size") or tuple(meta["image_shape"][1:]),
+                embedding_size=meta.get("embedding_size"), normalize=normalize or meta.get("normalize") or DEFAULT_NORMALIZE,
+                threshold=meta.get("threshold"), threshold_source=meta.get("threshold_source"), source=str(path),
+                kind="compiled", precision=meta["precision"], backbone=meta.get("backbone"))
+        except (UserError, KeyError, TypeError, IndexError) as exc:
+            raise UserError(f"{path}: bad marginface metadata: {exc}") from None
+        embedder.metadata = meta
         embedder.precision, embedder.batch_size = meta["precision"], int(meta["batch_size"])
         embedder.device = torch.device(meta.get("device", "cpu"))
         embedder._source = embedder._calibration = None

@@ -28,13 +28,14 @@ from typing import Iterable, Optional, Sequence, Union
 
 import cv2
 import numpy as np
-import torch
 
 from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
 from marginface.errors import UserError
+from marginface.inference import EmbedOptions, ModelInfo
 
 ImageLike = Union[str, Path, np.ndarray]
 DEFAULT_THRESHOLD = 0.3  # cosine; used (and reported as such) only when the model carries none
+PIPELINE_OPTIONS = EmbedOptions(flip=True, batch_size=32)  # FaceEmbedder's defaults
 
 
 @dataclass(frozen=True)
@@ -58,42 +59,55 @@ read_rgb = read_image  # the old name; `marginface.data.images` is the one image
 class FaceEmbedder:
     """Detect, align and embed faces with one model (see the module docstring).
 
-    ``model``: a path for `load_model` or an already loaded embedder. ``detector``: an object with
+    ``model``: a path for `load_model` or an already loaded embedder (left as it is: a
+    ``normalize`` override is kept here, in ``info``). ``detector``: an object with
     ``detect(rgb) -> [Face]`` (default: `MTCNNDetector` from ``detector_weights`` or its usual
     lookup, built on first use). ``threshold``: overrides the model's own. ``trust_code``: allow
     TorchScript and compiled ``.pt2`` models, which run code when loaded (see `load_model`).
+    ``options``: `EmbedOptions` (flip, batch size 32 by default, device, autocast); ``flip`` and
+    ``batch_size`` override it.
     """
 
     def __init__(self, model, *, normalize: Optional[str] = None, detector=None,
-                 detector_weights: Optional[Union[str, Path]] = None, flip: bool = True,
-                 batch_size: int = 32, max_detect_side: int = 1280, pad_fraction: float = 0.25,
-                 threshold: Optional[float] = None, threads: Optional[int] = None, trust_code: bool = False):
+                 detector_weights: Optional[Union[str, Path]] = None, flip: Optional[bool] = None,
+                 batch_size: Optional[int] = None, max_detect_side: int = 1280, pad_fraction: float = 0.25,
+                 threshold: Optional[float] = None, threads: Optional[int] = None, trust_code: bool = False,
+                 options: Optional[EmbedOptions] = None):
         from marginface.deploy.load import load_model
 
         if isinstance(model, (str, Path)):
             model = load_model(model, normalize, threads=threads, trust_code=trust_code)
-        elif normalize is not None:
-            model.normalize = normalize
+        # The caller's model is never changed: a ``normalize`` override lives in this embedder's
+        # info and options (the runner puts an nn.Module in eval mode per call and restores it).
         self.model = model
-        if isinstance(model, torch.nn.Module):
-            model.eval()
-        self.normalize = getattr(model, "normalize", None) or "arcface"
-        size = getattr(model, "input_size", 112)
-        self.input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.embedding_size = getattr(model, "embedding_size", None)
-        self.flip = flip
-        self.batch_size = max(1, int(batch_size))
+        self.info = ModelInfo.of(model).with_normalize(
+            normalize if normalize is not None else (options.normalize if options is not None else None))
+        if batch_size is not None:
+            batch_size = max(1, int(batch_size))
+        self.options = EmbedOptions.make(options, default=PIPELINE_OPTIONS, flip=flip, batch_size=batch_size,
+                                         normalize=self.info.normalize)
+        self.normalize = self.info.normalize
+        self.input_size = self.info.image_size
+        self.embedding_size = self.info.embedding_size
         self.max_detect_side = int(max_detect_side)
         self.pad_fraction = float(pad_fraction)
         self._detector = detector
         self._detector_weights = detector_weights
         if threshold is not None:
             self.threshold, self.threshold_source = float(threshold), "given"
-        elif getattr(model, "threshold", None) is not None:
-            self.threshold = float(model.threshold)
-            self.threshold_source = f"model ({getattr(model, 'threshold_source', None) or 'eval'})"
+        elif self.info.threshold is not None:
+            self.threshold = self.info.threshold
+            self.threshold_source = f"model ({self.info.threshold_source or 'eval'})"
         else:
             self.threshold, self.threshold_source = DEFAULT_THRESHOLD, "default"
+
+    @property
+    def flip(self) -> bool:
+        return self.options.flip
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
 
     # ------------------------------------------------------------------ detection + alignment
     @property
@@ -161,9 +175,9 @@ class FaceEmbedder:
         crops = np.asarray(crops)
         if crops.ndim == 3:
             crops = crops[None]
-        raw = embed_images(self.model, crops, batch_size=self.batch_size, flip=self.flip, normalize=self.normalize)
+        raw = embed_images(self.model, crops, options=self.options)
         if not np.isfinite(raw).all():  # a NaN probe would pass every comparison (NaN < t is False)
-            raise UserError(f"{getattr(self.model, 'model_path', None) or 'model'}: the model gave NaN/inf "
+            raise UserError(f"{self.info.source or 'model'}: the model gave NaN/inf "
                             f"embeddings (broken weights or an overflow at this precision)")
         return l2_normalize(raw.astype(np.float64)).astype(np.float32)
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import ModelInfo
 from marginface.io.atomic import atomic_path as io_atomic_path
 
 # Opset 13 is the newest opset that every mobile runtime we target reads (ONNX Runtime Mobile,
@@ -107,18 +108,18 @@ def load_source(model_or_path, *, backbone: Optional[str] = None, embedding_size
 
 
 def _input_hw(model) -> tuple[int, int]:
-    size = getattr(model, "input_size", 112)
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return ModelInfo.of(model).image_size
 
 
 def build_metadata(model, *, quantization: str = "none", extra: Optional[dict] = None) -> dict[str, str]:
     """The metadata our exports carry (all values strings, as ONNX metadata_props require)."""
     from marginface.data.transforms import NORMALIZATIONS
 
-    normalize = getattr(model, "normalize", None) or "arcface"
+    info = ModelInfo.of(model)
+    normalize = info.normalize
     mean, std = NORMALIZATIONS[normalize]
-    h, w = _input_hw(model)
-    threshold = getattr(model, "threshold", None)
+    h, w = info.image_size
+    threshold = info.threshold
     meta = {
         "marginface_format": FORMAT_VERSION,
         "input_name": INPUT_NAME,
@@ -130,14 +131,14 @@ def build_metadata(model, *, quantization: str = "none", extra: Optional[dict] =
         "std": ",".join(f"{v:g}" for v in std),
         "normalize": normalize,
         "alignment": "arcface-5-point",
-        "embedding_size": str(getattr(model, "embedding_size", "")),
+        "embedding_size": str(info.embedding_size if info.embedding_size is not None else ""),
         "output_normalized": "false",
         "threshold": f"{threshold:.6f}" if threshold is not None else "none",
-        "threshold_source": str(getattr(model, "threshold_source", None) or "none"),
-        "backbone": str(getattr(model, "backbone_name", None) or type(model).__name__),
+        "threshold_source": str(info.threshold_source or "none"),
+        "backbone": str(info.backbone or type(model).__name__),
         "bn_folded": "true",
         "quantization": quantization,
-        "source": str(getattr(model, "model_path", None) or "none"),
+        "source": str(info.source or "none"),
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
@@ -242,10 +243,10 @@ def export_torchscript(model: torch.nn.Module, out: Union[str, Path], *, metadat
     folded = fold_batchnorm(model) if fold else model
     example = torch.zeros((2, 3) + _input_hw(model))
     meta = metadata if metadata is not None else build_metadata(model)
-    h, w = _input_hw(model)
-    threshold = getattr(model, "threshold", None)
-    extra = {**meta, "input_size": [h, w], "embedding_size": getattr(model, "embedding_size", None),
-             "threshold": threshold, "mean": [float(v) for v in meta["mean"].split(",")],
+    info = ModelInfo.of(model)
+    h, w = info.image_size
+    extra = {**meta, "input_size": [h, w], "embedding_size": info.embedding_size,
+             "threshold": info.threshold, "mean": [float(v) for v in meta["mean"].split(",")],
              "std": [float(v) for v in meta["std"].split(",")]}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -276,7 +277,7 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
         images = load_calibration_images(calib, _input_hw(model), limit=calib_limit)
     else:
         images = parity_images(_input_hw(model), max(batch_size, 1))
-    x = to_tensor(images, getattr(model, "normalize", "arcface"))
+    x = to_tensor(images, ModelInfo.of(model).normalize)
     embedder = CompiledEmbedder(model, precision, batch_size=batch_size, calibration=x)
     embedder(x[:batch_size])  # compiles (int8: calibrated on every calibration image)
     embedder.save(out)
@@ -340,7 +341,7 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
             fp32 = Path(work) / "fp32.onnx"
             export_onnx(model, fp32, opset=opset)
             report["fp32_mb"] = file_mb(fp32)
-            quantize_onnx(fp32, out, calib_images, options=quant_options, normalize=model.normalize)
+            quantize_onnx(fp32, out, calib_images, options=quant_options, normalize=ModelInfo.of(model).normalize)
         report["opset"] = opset
         report["quantization"] = quant_options.describe()
     return _finish_report(report, model, out, check)
@@ -367,7 +368,7 @@ def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Opt
 
     hw = _input_hw(model)
     images = parity_images(hw) if images is None else images
-    x = to_tensor(images, getattr(model, "normalize", "arcface"))
+    x = to_tensor(images, ModelInfo.of(model).normalize)
     with torch.no_grad():
         reference = model.eval()(x).numpy()
         other = torch.as_tensor(load_model(exported, threads=1, trust_code=trust_code)(x)).numpy()

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 _FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d), (nn.Conv1d, nn.BatchNorm1d), (nn.Linear, nn.BatchNorm1d))
 # attributes the rest of marginface reads off a backbone; kept on the folded copy
-_KEEP_ATTRS = ("input_size", "embedding_size", "normalize", "checkpoint_path", "threshold")
+_KEEP_ATTRS = ("info", "input_size", "embedding_size", "normalize", "checkpoint_path", "threshold")
 
 
 def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every ``conv/linear -> BatchNorm`` pair folded.
 
     Returns a ``torch.fx.GraphModule`` (which exports to ONNX and TorchScript like any module)
-    carrying the model's ``input_size`` / ``embedding_size`` / ``normalize`` attributes. Models
+    carrying the model's ``info`` (`marginface.inference.ModelInfo`) and its ``input_size`` /
+    ``embedding_size`` / ``normalize`` attributes. Models
     that ``torch.fx`` cannot trace fall back to folding pairs that sit next to each other inside
     ``nn.Sequential`` containers.
     """

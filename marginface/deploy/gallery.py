@@ -271,7 +271,9 @@ def embed_identities(embedder, folder: Union[str, Path], *, skip_no_face: bool =
 
 
 def _model_name(embedder) -> str:
-    return str(getattr(embedder.model, "model_path", None) or type(embedder.model).__name__)
+    from marginface.inference import ModelInfo
+
+    return str(ModelInfo.of(embedder.model).source or type(embedder.model).__name__)
 
 
 def enroll(embedder, folder: Union[str, Path], *, progress=None, min_images: int = 1,

@@ -2,16 +2,15 @@
 
 It accepts a run directory, a training checkpoint (``.pt``), our TorchScript export, our ONNX
 export, our compiled package (``.pt2``, `deploy.compiled`) or a foreign insightface-style ONNX
-recognition model, and returns a callable embedder
-(normalised float ``N×3×H×W`` -> ``N×D``) with the attributes evaluation and deployment read:
-
-- ``input_size`` (int or (H, W)), ``embedding_size``;
-- ``normalize``: "arcface" or "imagenet" (the ``normalize`` argument overrides what the model
-  records; a foreign ONNX model without metadata defaults to "arcface");
-- ``threshold``: the verification threshold (cosine) picked at eval time, from the checkpoint's
-  ``last_eval`` or the export's metadata; None when the model carries none;
-- ``threshold_source``: which eval set it came from;
-- ``model_path``: the file that was loaded.
+recognition model, and returns an `marginface.inference.Embedder`: a callable
+(normalised float ``N×3×H×W`` -> ``N×D``) whose ``.info`` is a frozen `ModelInfo` resolved here,
+once: ``input_size`` ((H, W)), ``embedding_size``, ``normalize`` ("arcface"/"imagenet"; the
+``normalize`` argument overrides what the model records; a foreign ONNX model without metadata
+defaults to "arcface"), ``threshold`` / ``threshold_source`` (the verification threshold picked at
+eval time, from the checkpoint's ``last_eval`` or the export's metadata; None when there is none),
+``source`` (the file loaded), ``kind`` and ``precision``. Readers use ``model.info``; the plain
+attributes checkpoint backbones also carry (``normalize``, ``threshold``, ``model_path``, ...) are
+kept for older callers only.
 
 TorchScript archives and compiled packages run code when loaded (`marginface.io.trust`): they are
 refused, before anything in them is read by torch, unless ``trust_code=True`` (``--trust-code``).
@@ -27,30 +26,27 @@ from typing import Optional, Union
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo,
+                                  check_normalize, pick_threshold)
 from marginface.io.trust import COMPILED, TORCHSCRIPT, code_kind, refuse_untrusted
 
-NORMALIZE_NAMES = ("arcface", "imagenet")
 TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
 
 
 def _check_normalize(normalize: Optional[str]) -> None:
-    if normalize is not None and normalize not in NORMALIZE_NAMES:
-        raise UserError(f"--normalize must be one of {', '.join(NORMALIZE_NAMES)}, got {normalize!r}")
+    check_normalize(normalize, "--normalize")
 
 
-def pick_threshold(last_eval: dict, best_metric: str = "") -> tuple[Optional[float], Optional[str]]:
-    """The eval-time threshold of a checkpoint's ``last_eval``: the set named by the run's
-    ``eval.best_metric`` ("<set>/<metric>") if it has one, else the first set that reports one."""
-    if not isinstance(last_eval, dict) or not last_eval:
-        return None, None
-    preferred = best_metric.split("/", 1)[0] if best_metric else ""
-    names = ([preferred] if preferred in last_eval else []) + [n for n in last_eval if n != preferred]
-    for name in names:
-        metrics = last_eval.get(name)
-        value = metrics.get("threshold") if isinstance(metrics, dict) else None
-        if isinstance(value, (int, float)) and value == value:  # not NaN
-            return float(value), str(name)
-    return None, None
+def _attach(model, info: ModelInfo):
+    """``model`` with ``info`` as its ``.info`` and the legacy attributes of a checkpoint backbone
+    (``normalize``, ``threshold``, ``threshold_source``, ``backbone_name``, ``model_path``) set
+    from it, for callers written before `ModelInfo`."""
+    model.info = info
+    model.normalize = info.normalize
+    model.threshold, model.threshold_source = info.threshold, info.threshold_source
+    model.backbone_name = info.backbone
+    model.model_path = info.source
+    return model
 
 
 def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") -> torch.nn.Module:
@@ -76,12 +72,12 @@ def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") ->
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit {cfg.model.backbone}: {str(exc).splitlines()[0]}") from None
     model.eval()
-    model.normalize = cfg.data.normalize
-    model.threshold, model.threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
-    model.backbone_name = cfg.model.backbone
-    model.model_path = str(path)
+    threshold, threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
+    info = ModelInfo(input_size=cfg.model.input_size, embedding_size=model.embedding_size,
+                     normalize=cfg.data.normalize, threshold=threshold, threshold_source=threshold_source,
+                     source=str(path), kind="checkpoint", precision="fp32", backbone=cfg.model.backbone)
     model.checkpoint_path = str(path)
-    return model
+    return _attach(model, info)
 
 
 def random_backbone(name: str, embedding_size: Optional[int] = None, input_size: int = 112,
@@ -91,11 +87,9 @@ def random_backbone(name: str, embedding_size: Optional[int] = None, input_size:
 
     torch.manual_seed(seed)
     model = build_backbone(name, embedding_size=embedding_size, input_size=input_size, **options).eval()
-    model.normalize = "arcface"
-    model.threshold, model.threshold_source = None, None
-    model.backbone_name = name
-    model.model_path = None
-    return model
+    info = ModelInfo(input_size=model.input_size, embedding_size=model.embedding_size, normalize=DEFAULT_NORMALIZE,
+                     kind="random", precision="fp32", backbone=name)
+    return _attach(model, info)
 
 
 def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -126,7 +120,7 @@ def _looks_like_onnx(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
 
 
-class TorchScriptEmbedder(torch.nn.Module):
+class TorchScriptEmbedder(InfoAttributes, torch.nn.Module):
     """Our TorchScript export (``marginface export --format torchscript``) with its metadata."""
 
     def __init__(self, path: Path, normalize: Optional[str] = None, *, trust_code: bool = False):
@@ -146,14 +140,21 @@ class TorchScriptEmbedder(torch.nn.Module):
             meta = json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
         except ValueError:
             meta = {}
-        self.metadata = meta
-        size = meta.get("input_size") or [112, 112]
-        self.input_size = (int(size[0]), int(size[1]))
-        self.embedding_size = meta.get("embedding_size")
-        self.normalize = normalize or meta.get("normalize") or "arcface"
-        self.threshold = meta.get("threshold")
-        self.threshold_source = meta.get("threshold_source")
-        self.model_path = str(path)
+        self.metadata = meta if isinstance(meta, dict) else {}
+        meta = self.metadata
+        recorded = meta.get("normalize")
+        if normalize is None and recorded is not None and recorded not in NORMALIZE_NAMES:
+            raise UserError(f"{path}: metadata asks for normalisation {recorded!r}, which marginface "
+                            f"does not know; pass --normalize arcface or imagenet")
+        try:
+            self.info = ModelInfo(input_size=meta.get("input_size") or DEFAULT_INPUT_SIZE,
+                                  embedding_size=meta.get("embedding_size"),
+                                  normalize=normalize or recorded or DEFAULT_NORMALIZE,
+                                  threshold=meta.get("threshold"), threshold_source=meta.get("threshold_source"),
+                                  source=str(path), kind="torchscript", precision="fp32",
+                                  backbone=meta.get("backbone"))
+        except UserError as exc:
+            raise UserError(f"{path}: bad marginface metadata: {exc}") from None
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +177,7 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
     if path.is_file() and _looks_like_onnx(path):
         from marginface.deploy.onnx_model import OnnxEmbedder
 
-        model = OnnxEmbedder(path, normalize, threads=threads)
-        model.model_path = str(path)
-        return model
+        return OnnxEmbedder(path, normalize, threads=threads)
     if kind == COMPILED:
         from marginface.deploy.compiled import CompiledEmbedder
 
@@ -187,13 +186,13 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
         return TorchScriptEmbedder(path, normalize, trust_code=trust_code)
     model = load_checkpoint_model(path, prefer)
     if normalize is not None:
-        model.normalize = normalize
+        _attach(model, model.info.with_normalize(normalize))
     return model
 
 
 def model_files(model) -> list[Path]:
     """The files a loaded model came from (an ONNX model's external data included)."""
-    path = getattr(model, "model_path", None)
+    path = ModelInfo.of(model).source
     if not path:
         return []
     path = Path(path)

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
-
-NORMALIZE_NAMES = ("arcface", "imagenet")
+from marginface.inference import DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo, check_normalize
 
 
 MAX_EMBEDDING_SIZE = 65536  # a declared output dimension beyond this (or 0) is not an embedding
@@ -138,12 +137,13 @@ def _make_batch_dynamic(model, batch: int):
     return m
 
 
-class OnnxEmbedder:
-    """Callable ONNX Runtime embedder with the attributes the rest of marginface reads.
+class OnnxEmbedder(InfoAttributes):
+    """Callable ONNX Runtime embedder (an `marginface.inference.Embedder`).
 
-    ``input_size`` ((H, W)), ``embedding_size``, ``normalize`` ("arcface"/"imagenet"),
-    ``threshold`` (cosine, from our export's metadata; None for foreign models), ``metadata``
-    (the model's metadata props), ``quantized`` (int8 ops present), ``path``.
+    ``info``: `ModelInfo` (``input_size`` (H, W), ``embedding_size``, ``normalize``, ``threshold``
+    from our export's metadata, None for foreign models; ``precision`` "int8" for quantised
+    graphs); also ``metadata`` (the model's metadata props), ``quantized`` (int8 ops present),
+    ``path``. ``input_size``, ``normalize``, ``threshold``... read ``info``.
     """
 
     def __init__(self, path: Union[str, Path], normalize: Optional[str] = None, *,
@@ -172,16 +172,20 @@ class OnnxEmbedder:
                             f"{MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}; not a face-embedding model")
         self.input_name = inputs[0].name
         self.output_name = proto.graph.output[0].name
-        self.input_size = (int(shape[2]), int(shape[3]))
-        self.embedding_size = out_dims[1] or int(self.metadata.get("embedding_size", 0)) or None
         self.fixed_batch = shape[0]  # None = dynamic
         self.quantized = any(n.op_type in ("QLinearConv", "QuantizeLinear", "ConvInteger", "MatMulInteger")
                              for n in proto.graph.node)
         self.opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
-        self.normalize = self._pick_normalize(normalize)
-        thr = self.metadata.get("threshold")
-        self.threshold = float(thr) if thr not in (None, "", "none") else None
-        self.threshold_source = self.metadata.get("threshold_source") if self.threshold is not None else None
+        recorded_size = self.metadata.get("embedding_size", "")
+        embedding_size = out_dims[1] or (int(recorded_size) if str(recorded_size).isdigit() else None) or None
+        try:
+            self.info = ModelInfo(
+                input_size=(int(shape[2]), int(shape[3])), embedding_size=embedding_size,
+                normalize=self._pick_normalize(normalize), threshold=self.metadata.get("threshold"),
+                threshold_source=self.metadata.get("threshold_source"), source=str(self.path), kind="onnx",
+                precision="int8" if self.quantized else "fp32", backbone=self.metadata.get("backbone"))
+        except UserError as exc:
+            raise UserError(f"{self.path}: bad marginface metadata: {exc}") from None
         self.threads = threads
         options = session_options(threads, optimization)
         try:
@@ -196,16 +200,14 @@ class OnnxEmbedder:
     # ------------------------------------------------------------------ set-up helpers
     def _pick_normalize(self, normalize: Optional[str]) -> str:
         if normalize is not None:
-            if normalize not in NORMALIZE_NAMES:
-                raise UserError(f"normalize must be one of {', '.join(NORMALIZE_NAMES)}, got {normalize!r}")
-            return normalize
+            return check_normalize(normalize)
         recorded = self.metadata.get("normalize")
         if recorded in NORMALIZE_NAMES:
             return recorded
         if recorded:
             raise UserError(f"{self.path}: metadata asks for normalisation {recorded!r}, which marginface "
                             f"does not know; pass normalize='arcface' or 'imagenet'")
-        return "arcface"  # the field's convention for insightface-style models
+        return DEFAULT_NORMALIZE  # the field's convention for insightface-style models
 
     def _try_dynamic(self, proto, options):
         import onnxruntime as ort

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write, atomic_write_text, ensure_dir
 from marginface.evaluate.metrics import far_key
 
 Device = Union[str, torch.device]
+FOLDER_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of the folder/feature-file functions
 DEFAULT_CHUNK = 65536
 DEFAULT_FPIR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -273,17 +275,22 @@ def evaluate_identification(
     probe_ids: Sequence,
     distractor_images: Optional[np.ndarray] = None,
     *,
-    flip: bool = True,
-    batch_size: int = 64,
-    device: Device = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Device] = None,
+    normalize: Optional[str] = None,
     **metric_kwargs,
 ) -> dict:
-    """Embed (flip-sum) aligned RGB uint8 images with ``model`` and run `identification_metrics`."""
+    """Embed (flip-sum) aligned RGB uint8 images with ``model`` and run `identification_metrics`.
+    ``options``: `EmbedOptions` (the loose keywords override it)."""
     from marginface.evaluate.runner import embed_images
 
+    options = EmbedOptions.make(options, flip=flip, batch_size=batch_size, device=device, normalize=normalize)
+    device = options.device
+
     def embed(images):
-        return embed_images(model, images, flip=flip, batch_size=batch_size, device=device, normalize=normalize)
+        return embed_images(model, images, options=options)
 
     if len(gallery_images) == 0 or len(probe_images) == 0:
         raise UserError("identification needs at least one gallery image and one probe image")
@@ -339,25 +346,27 @@ def image_files(root: Path, what: str = "distractors") -> list[Path]:
     return files
 
 
-def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *, flip: bool = True,
-                      batch_size: int = 128, device: Device = "cpu", normalize: Optional[str] = None,
-                      amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
+def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *,
+                      options: Optional[EmbedOptions] = None, flip: Optional[bool] = None,
+                      batch_size: Optional[int] = None, device: Optional[Device] = None,
+                      normalize: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """``count×D`` float32 features of the images ``read(i)`` returns (RGB uint8, resized to the
     model's input as the pair-set readers do), decoded ``IMAGES_PER_BLOCK`` at a time so memory
-    stays bounded whatever the count; flip-sum unless ``flip=False``."""
+    stays bounded whatever the count; flip-sum unless ``flip=False``. ``options``: `EmbedOptions`
+    (batch 128 by default; the loose keywords override it)."""
     from marginface.data.verification import resize_image
     from marginface.evaluate.runner import embed_images
 
-    normalize = normalize or getattr(model, "normalize", None) or "arcface"
-    image_size = getattr(model, "input_size", None) or 112
+    options = EmbedOptions.make(options, default=FOLDER_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    info = ModelInfo.of(model)
     blocks = []
     for start in range(0, count, IMAGES_PER_BLOCK):
         stop = min(start + IMAGES_PER_BLOCK, count)
-        images = np.stack([resize_image(read(i), image_size) for i in range(start, stop)])
-        blocks.append(embed_images(model, images, flip=flip, batch_size=batch_size, device=device,
-                                   normalize=normalize, amp_dtype=amp_dtype))
+        images = np.stack([resize_image(read(i), info.image_size) for i in range(start, stop)])
+        blocks.append(embed_images(model, images, options=options))
         if not np.isfinite(blocks[-1]).all():
-            raise UserError(f"{getattr(model, 'model_path', None) or 'model'}: the model gave NaN/inf embeddings "
+            raise UserError(f"{info.source or 'model'}: the model gave NaN/inf embeddings "
                             f"(broken weights or an overflow at this precision)")
     return np.concatenate(blocks).astype(np.float32, copy=False)
 
@@ -394,9 +403,10 @@ def evaluate_identification_folders(
     probes: Union[str, Path],
     distractors: Sequence[Union[str, Path]] = (),
     *,
-    flip: bool = True,
-    batch_size: int = 128,
-    device: Device = "cpu",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Device] = None,
     normalize: Optional[str] = None,
     ranks: Sequence[int] = (1, 5),
     fpir_targets: Sequence[float] = DEFAULT_FPIR_TARGETS,
@@ -416,6 +426,9 @@ def evaluate_identification_folders(
     """
     from marginface.data.images import read_image
 
+    options = EmbedOptions.make(options, default=FOLDER_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    flip, device = options.flip, options.device
     # Every cheap check before the first (slow) forward pass.
     gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
     opened = [(Path(spec), _open_distractors(spec)) for spec in distractors]
@@ -426,8 +439,7 @@ def evaluate_identification_folders(
     def embed(what: str, read, count: int) -> np.ndarray:
         if log:
             log(f"embedding {what}: {count} images")
-        return embed_image_files(model, read, count, flip=flip, batch_size=batch_size, device=device,
-                                 normalize=normalize, amp_dtype=amp_dtype)
+        return embed_image_files(model, read, count, options=options)
 
     gallery_feats = embed("gallery", gallery_src.read, len(gallery_src))
     dim = gallery_feats.shape[1]

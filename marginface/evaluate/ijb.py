@@ -33,8 +33,10 @@ import torch
 
 from marginface.errors import UserError
 from marginface.evaluate.metrics import equal_error_rate, roc_auc, roc_curve, tar_at_far
+from marginface.inference import EmbedOptions, ModelInfo
 
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+IJB_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of `evaluate_ijb` and its parts
 _SUFFIXES = ("_face_tid_mid.txt", "_template_pair_label.txt", "_name_5pts_score.txt")
 
 
@@ -226,7 +228,7 @@ class _Prepared:
     def __init__(self, model):
         from marginface.evaluate.runner import _inference_model
 
-        self.input_size = getattr(model, "input_size", None)
+        self.info = ModelInfo.of(model)
         self._was_training = isinstance(model, torch.nn.Module) and model.training
         if isinstance(model, torch.nn.Module):
             model.eval()
@@ -245,10 +247,11 @@ def ijb_image_views(
     model,
     protocol: IJBProtocol,
     *,
-    flip: bool = True,
-    batch_size: int = 128,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     workers: int = 4,
     align: Optional[Callable] = None,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -265,7 +268,9 @@ def ijb_image_views(
 
     if align is None:
         from marginface.data.align import align_face as align
-    size = getattr(model, "input_size", None) or 112
+    options = EmbedOptions.make(options, default=IJB_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    size = ModelInfo.of(model).image_size
     names = list(dict.fromkeys(protocol.faces))
     first_row = {}
     for row, face in enumerate(protocol.faces):
@@ -281,14 +286,14 @@ def ijb_image_views(
     plain, mirrored = [], []
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for start in range(0, len(names), batch_size):
-                batch = np.stack(list(pool.map(load, names[start : start + batch_size])))
-                p, m = embed_views(prepared, batch, flip=flip, batch_size=batch_size, device=device,
-                                   normalize=normalize, amp_dtype=amp_dtype, optimize=False)
+            step = options.batch_size
+            for start in range(0, len(names), step):
+                batch = np.stack(list(pool.map(load, names[start : start + step])))
+                p, m = embed_views(prepared, batch, options=options, optimize=False)
                 plain.append(p)
                 mirrored.append(m)
                 if progress is not None:
-                    progress(min(start + batch_size, len(names)), len(names))
+                    progress(min(start + step, len(names)), len(names))
     finally:
         prepared.restore()
     row_of = {name: i for i, name in enumerate(names)}
@@ -297,13 +302,13 @@ def ijb_image_views(
     def per_face(views: list) -> np.ndarray:
         return np.concatenate(views)[rows].astype(np.float32, copy=False)
 
-    return per_face(plain), (per_face(mirrored) if flip else None)
+    return per_face(plain), (per_face(mirrored) if options.flip else None)
 
 
-def ijb_image_features(model, protocol: IJBProtocol, *, flip: bool = True, **kwargs) -> np.ndarray:
+def ijb_image_features(model, protocol: IJBProtocol, **kwargs) -> np.ndarray:
     """``N×D`` float32 flip-sum features (plain ones without ``flip``), not normalised, one per
     line of ``face_tid_mid``; keyword arguments as `ijb_image_views`."""
-    plain, mirrored = ijb_image_views(model, protocol, flip=flip, **kwargs)
+    plain, mirrored = ijb_image_views(model, protocol, **kwargs)
     return plain if mirrored is None else plain + mirrored
 
 
@@ -311,11 +316,12 @@ def evaluate_ijb(
     model,
     root: Union[str, Path],
     *,
-    flip: bool = True,
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
     detector_score: bool = True,
-    batch_size: int = 128,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    batch_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     workers: int = 4,
     far_targets: Sequence[float] = IJB_FAR_TARGETS,
     amp_dtype: Optional[torch.dtype] = None,
@@ -329,8 +335,10 @@ def evaluate_ijb(
     and there is no ``noflip`` block. The returned scores are the top level's.
     """
     protocol = read_ijb(root)
-    plain, mirrored = ijb_image_views(model, protocol, flip=flip, batch_size=batch_size, device=device,
-                                      normalize=normalize, workers=workers, amp_dtype=amp_dtype)
+    options = EmbedOptions.make(options, default=IJB_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    flip = options.flip
+    plain, mirrored = ijb_image_views(model, protocol, options=options, workers=workers)
 
     def scores_of(features: np.ndarray) -> tuple[np.ndarray, int]:
         if detector_score:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write_text, ensure_dir
 from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, verification_metrics
 
@@ -45,13 +46,18 @@ def _views_metrics(views: Sequence[np.ndarray], pairs: np.ndarray, issame: np.nd
     return metrics, scores
 
 
-def evaluate_pair_set_both(model, pair_set, *, flip: bool = True, batch_size: int = 128,
-                           device: Union[str, torch.device] = "cpu", normalize: str = "arcface",
-                           amp_dtype: Optional[torch.dtype] = None, nfolds: int = 10) -> tuple[dict, tuple]:
+SUITE_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of `evaluate_suite` and its parts
+
+
+def evaluate_pair_set_both(model, pair_set, *, options: Optional[EmbedOptions] = None, flip: Optional[bool] = None,
+                           batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
+                           normalize: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None,
+                           nfolds: int = 10) -> tuple[dict, tuple]:
     """Metrics with flip-sum (top level) and without (``noflip``) from one embedding pass.
 
     Returns ``(metrics, (flip scores, issame))``. With ``flip=False`` there is one result, the plain
-    one, at the top level and ``"flip": false``.
+    one, at the top level and ``"flip": false``. ``options`` (`EmbedOptions`, batch 128 by
+    default); the loose keywords override it.
     """
     from marginface.evaluate.runner import embed_views
 
@@ -59,8 +65,9 @@ def evaluate_pair_set_both(model, pair_set, *, flip: bool = True, batch_size: in
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
     if len(pair_set) == 0:
         raise UserError(f"pair set {pair_set.name!r} has no pairs")
-    plain, mirrored = embed_views(model, pair_set.images, batch_size=batch_size, flip=flip, device=device,
-                                  normalize=normalize, amp_dtype=amp_dtype)
+    options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    plain, mirrored = embed_views(model, pair_set.images, options=options)
     noflip, noflip_scores = _views_metrics([plain], pair_set.pairs, pair_set.issame, nfolds)
     if mirrored is None:
         result, scores = noflip, noflip_scores
@@ -86,9 +93,10 @@ def evaluate_suite(
     model,
     paths: Sequence[Union[str, Path]],
     *,
-    flip: bool = True,
-    batch_size: int = 128,
-    device: Union[str, torch.device] = "cpu",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
     normalize: Optional[str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     nfolds: int = 10,
@@ -104,8 +112,9 @@ def evaluate_suite(
     from marginface.data.verification import load_pair_set
     from marginface.evaluate.ijb import evaluate_ijb, is_ijb_dir
 
-    normalize = normalize or getattr(model, "normalize", None) or "arcface"
-    size = getattr(model, "input_size", None)
+    options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
+                                normalize=normalize, amp_dtype=amp_dtype)
+    size = ModelInfo.of(model).input_size
     results: dict = {}
     curves: Curves = {}
     sources: dict = {}
@@ -114,16 +123,13 @@ def evaluate_suite(
         if is_ijb_dir(path):
             if log:
                 log(f"evaluating {path} (IJB template protocol)")
-            metrics, curve = evaluate_ijb(model, path, flip=flip, detector_score=detector_score,
-                                          batch_size=batch_size, device=device, normalize=normalize,
-                                          amp_dtype=amp_dtype, return_scores=True)
+            metrics, curve = evaluate_ijb(model, path, options=options, detector_score=detector_score,
+                                          return_scores=True)
         else:
             pair_set = load_pair_set(path, image_size=size)
             if log:
                 log(f"evaluating {pair_set.name}: {len(pair_set)} pairs, {len(pair_set.images)} images")
-            metrics, curve = evaluate_pair_set_both(model, pair_set, flip=flip, batch_size=batch_size,
-                                                    device=device, normalize=normalize, amp_dtype=amp_dtype,
-                                                    nfolds=nfolds)
+            metrics, curve = evaluate_pair_set_both(model, pair_set, options=options, nfolds=nfolds)
         name = _unique_name(metrics.get("name") or path.stem, results)
         metrics["name"] = name
         results[name] = metrics

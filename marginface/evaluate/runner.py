@@ -3,7 +3,12 @@
 The model is any callable mapping a normalised float ``N×3×H×W`` tensor to ``N×D`` embeddings:
 an ``nn.Module`` (put in eval mode for the call and restored afterwards) or e.g. an ONNX wrapper.
 It must already live on ``device``; only the inputs are moved. A tuple/list output counts by its
-first element (models that also return feature norms).
+first element (models that also return feature norms). What the model is comes from its ``.info``
+(`marginface.inference.ModelInfo.of`): images are resized to ``info.input_size`` and normalised
+with ``info.normalize`` unless `EmbedOptions` says otherwise.
+
+How to embed is one `EmbedOptions` (``options=``); the loose keywords ``flip``, ``batch_size``,
+``device``, ``normalize`` and ``amp_dtype`` still work and override it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from marginface.data.transforms import hflip, to_tensor
 from marginface.data.verification import PairSet
 from marginface.errors import UserError
 from marginface.evaluate.metrics import verification_metrics
+from marginface.inference import EmbedOptions, ModelInfo
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,13 +34,7 @@ class EvaluationStopped(Exception):
 
 
 def _target_hw(model: Model) -> Optional[tuple[int, int]]:
-    size = getattr(model, "input_size", None)
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
+    return ModelInfo.of(model).input_size
 
 
 def _fit_to_model(images: np.ndarray, target: Optional[tuple[int, int]]) -> np.ndarray:
@@ -91,10 +91,11 @@ def embed_views(
     model: Model,
     images_uint8: np.ndarray,
     *,
-    batch_size: int = 64,
-    flip: bool = True,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    batch_size: Optional[int] = None,
+    flip: Optional[bool] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     optimize: bool = True,
     stop: Optional[Callable[[], bool]] = None,
@@ -110,9 +111,13 @@ def embed_views(
         raise ValueError(f"expected N×H×W×3 uint8 RGB images, got {images.shape} {images.dtype}")
     if len(images) == 0:
         raise ValueError("no images to embed")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    target = _target_hw(model)
+    options = EmbedOptions.make(options, batch_size=batch_size, flip=flip, device=device, normalize=normalize,
+                                amp_dtype=amp_dtype)
+    info = ModelInfo.of(model)
+    target, normalize, device = info.input_size, options.normalize_for(info), options.device
+    batch_size, flip = options.batch_size, options.flip
 
     def run(batch: np.ndarray) -> np.ndarray:
         x = to_tensor(batch, normalize).to(device)
@@ -128,7 +133,7 @@ def embed_views(
         net, channels_last = _inference_model(model) if optimize else (model, False)
     # On the CPU, glibc would mmap/munmap every large activation: page faults cost 1.3-2x here.
     keep_memory = malloc.kept_freed_memory(torch.device(device).type == "cpu")
-    with keep_memory, _eval_mode(net), torch.inference_mode(), _autocast(device, amp_dtype):
+    with keep_memory, _eval_mode(net), torch.inference_mode(), _autocast(device, options.amp_dtype):
         for start in range(0, len(images), batch_size):
             if stop is not None and stop():
                 raise EvaluationStopped(f"stopped after {start} of {len(images)} images")
@@ -143,17 +148,18 @@ def embed_images(
     model: Model,
     images_uint8: np.ndarray,
     *,
-    batch_size: int = 64,
-    flip: bool = True,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    batch_size: Optional[int] = None,
+    flip: Optional[bool] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     optimize: bool = True,
 ) -> np.ndarray:
     """``N×D`` float32 embeddings, not normalised; with ``flip`` the mirror image's embedding is
     added (flip-sum, the field's test-time augmentation)."""
     plain, mirrored = embed_views(
-        model, images_uint8, batch_size=batch_size, flip=flip, device=device,
+        model, images_uint8, options=options, batch_size=batch_size, flip=flip, device=device,
         normalize=normalize, amp_dtype=amp_dtype, optimize=optimize,
     )
     return plain if mirrored is None else plain + mirrored
@@ -174,10 +180,11 @@ def score_pair_set(
     model: Model,
     pair_set: PairSet,
     *,
-    flip: bool = True,
-    batch_size: int = 64,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     amp_dtype: Optional[torch.dtype] = None,
     stop: Optional[Callable[[], bool]] = None,
 ) -> tuple[np.ndarray, float]:
@@ -188,7 +195,7 @@ def score_pair_set(
     normalised in float64, as insightface does.
     """
     plain, mirrored = embed_views(
-        model, pair_set.images, batch_size=batch_size, flip=flip, device=device,
+        model, pair_set.images, options=options, batch_size=batch_size, flip=flip, device=device,
         normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
     views = [plain] if mirrored is None else [plain, mirrored]
@@ -201,10 +208,11 @@ def evaluate_pair_set(
     model: Model,
     pair_set: PairSet,
     *,
-    flip: bool = True,
-    batch_size: int = 64,
-    device: Union[str, torch.device] = "cpu",
-    normalize: str = "arcface",
+    options: Optional[EmbedOptions] = None,
+    flip: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    normalize: Optional[str] = None,
     nfolds: int = 10,
     amp_dtype: Optional[torch.dtype] = None,
     stop: Optional[Callable[[], bool]] = None,
@@ -219,7 +227,7 @@ def evaluate_pair_set(
     if len(pair_set) == 0:
         raise UserError(f"pair set {pair_set.name!r} has no pairs")
     scores, xnorm = score_pair_set(
-        model, pair_set, flip=flip, batch_size=batch_size, device=device,
+        model, pair_set, options=options, flip=flip, batch_size=batch_size, device=device,
         normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
     metrics = verification_metrics(scores, pair_set.issame, nfolds=min(nfolds, len(pair_set)))

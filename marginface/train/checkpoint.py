@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from marginface.errors import UserError
+from marginface.inference import ModelInfo, pick_threshold
 from marginface.io.atomic import atomic_save_torch, remove_stale_temps
 from marginface.io.trust import WHY, code_kind
 
@@ -66,8 +67,9 @@ def resolve_checkpoint(model_path: str, prefer: str = "best") -> Path:
 def load_backbone(model_path: str, prefer: str = "best"):
     """The trained backbone of a run directory or checkpoint, in eval mode, on the CPU.
 
-    It carries ``input_size``, ``embedding_size`` and ``normalize`` (the input normalisation it
-    was trained with) so evaluation and deployment preprocess exactly as training did.
+    It carries ``info`` (`marginface.inference.ModelInfo`, as `deploy.load.load_model` gives it)
+    and, for older callers, ``normalize`` (the input normalisation it was trained with), so
+    evaluation and deployment preprocess exactly as training did.
     """
     from marginface.config import Config, from_dict
     from marginface.train.setup import build_model
@@ -82,6 +84,10 @@ def load_backbone(model_path: str, prefer: str = "best"):
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit {cfg.model.backbone}: {str(exc).splitlines()[0]}") from None
     model.eval()
-    model.normalize = cfg.data.normalize
+    threshold, threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
+    model.info = ModelInfo(input_size=cfg.model.input_size, embedding_size=model.embedding_size,
+                           normalize=cfg.data.normalize, threshold=threshold, threshold_source=threshold_source,
+                           source=str(path), kind="checkpoint", precision="fp32", backbone=cfg.model.backbone)
+    model.normalize = model.info.normalize
     model.checkpoint_path = str(path)
     return model
