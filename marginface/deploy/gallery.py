@@ -19,8 +19,6 @@ galleries when the ``faiss`` package is installed) an exact ``IndexFlatIP`` does
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -28,6 +26,7 @@ from typing import Optional, Union
 import numpy as np
 
 from marginface.errors import UserError
+from marginface.io.atomic import atomic_write
 
 FORMAT = "marginface-gallery-v1"
 PROBE_MIN_COSINE = 0.98  # a search model must embed the fingerprint probe this close to the enrolment model
@@ -64,24 +63,12 @@ class Gallery:
         path = Path(path)
         if path.suffix != ".npz":
             raise UserError(f"{path}: gallery files end in .npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.array(FORMAT), names=self.names, embeddings=self.embeddings,
-                         counts=self.counts, model_fingerprint=np.array(self.model_fingerprint),
-                         model_name=np.array(self.model_name),
-                         model_probe=(self.model_probe if self.model_probe is not None
-                                      else np.zeros(0, np.float32)).astype(np.float32))
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:  # temp file, fsync, rename (marginface.io.atomic)
+            np.savez(f, format=np.array(FORMAT), names=self.names, embeddings=self.embeddings,
+                     counts=self.counts, model_fingerprint=np.array(self.model_fingerprint),
+                     model_name=np.array(self.model_name),
+                     model_probe=(self.model_probe if self.model_probe is not None
+                                  else np.zeros(0, np.float32)).astype(np.float32))
         return path
 
     @classmethod
