@@ -32,9 +32,14 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from marginface.data.images import read_image
+from marginface.data.sources import FolderSource, list_image_files
+from marginface.data.verification import resize_image
 from marginface.errors import UserError
-from marginface.io.atomic import atomic_write, atomic_write_text, ensure_dir
 from marginface.evaluate.metrics import far_key
+from marginface.evaluate.report import json_safe, write_atomic
+from marginface.evaluate.runner import embed_images
+from marginface.io.atomic import atomic_write, atomic_write_text, ensure_dir
 
 Device = Union[str, torch.device]
 DEFAULT_CHUNK = 65536
@@ -280,8 +285,6 @@ def evaluate_identification(
     **metric_kwargs,
 ) -> dict:
     """Embed (flip-sum) aligned RGB uint8 images with ``model`` and run `identification_metrics`."""
-    from marginface.evaluate.runner import embed_images
-
     def embed(images):
         return embed_images(model, images, flip=flip, batch_size=batch_size, device=device, normalize=normalize)
 
@@ -300,8 +303,6 @@ IMAGES_PER_BLOCK = 2048  # images decoded at once: bounded memory whatever the f
 
 def _identity_folder(role: str, root: Union[str, Path]):
     """``root/<identity>/*.jpg`` as a `FolderSource`; its errors say which folder (gallery/probes) failed."""
-    from marginface.data.sources import FolderSource
-
     try:
         return FolderSource(root)
     except UserError as exc:
@@ -329,8 +330,6 @@ def _open_feature_matrix(path: Path) -> np.ndarray:
 
 def image_files(root: Path, what: str = "distractors") -> list[Path]:
     """Every image under ``root`` (any depth: MegaFace's distractors sit in nested folders), sorted."""
-    from marginface.data.sources import list_image_files
-
     if not root.is_dir():
         raise UserError(f"{what}: {root}: not a directory")
     files = list_image_files(root)
@@ -345,9 +344,6 @@ def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *, f
     """``count×D`` float32 features of the images ``read(i)`` returns (RGB uint8, resized to the
     model's input as the pair-set readers do), decoded ``IMAGES_PER_BLOCK`` at a time so memory
     stays bounded whatever the count; flip-sum unless ``flip=False``."""
-    from marginface.data.verification import resize_image
-    from marginface.evaluate.runner import embed_images
-
     normalize = normalize or getattr(model, "normalize", None) or "arcface"
     image_size = getattr(model, "input_size", None) or 112
     blocks = []
@@ -414,8 +410,6 @@ def evaluate_identification_folders(
     ``fpir_targets`` (as requested; `tpir_at_fpir` holds those the non-mated probes support) and
     ``sources`` (the paths) to the metrics.
     """
-    from marginface.data.images import read_image
-
     # Every cheap check before the first (slow) forward pass.
     gallery_src, probe_src = _identity_folder("gallery", gallery), _identity_folder("probes", probes)
     opened = [(Path(spec), _open_distractors(spec)) for spec in distractors]
@@ -483,8 +477,6 @@ def format_identification(result: dict) -> str:
 
 def write_identification_report(out_dir: Union[str, Path], result: dict) -> dict:
     """``identification.json`` and ``identification.md`` in ``out_dir``, each written atomically."""
-    from marginface.evaluate.report import json_safe, write_atomic
-
     out = ensure_dir(out_dir)
     json_path, md_path = out / "identification.json", out / "identification.md"
     write_atomic(json_path, json.dumps(json_safe(result), indent=2) + "\n")
