@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 from marginface.errors import UserError
+from marginface.jsonout import dumps
+
+# deferred: every command imports the modules it runs inside its own function, so `--help`, a
+# usage error and the light commands (data inspect, gallery list, ...) start without loading
+# torch, OpenCV or the deployment stack, and a broken optional dependency only breaks the
+# commands that use it. The other modules import each other at the top.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,8 +28,6 @@ class _Parser(argparse.ArgumentParser):
 def _print_json(obj) -> None:
     """The one place --json output is printed: always valid JSON (NaN/inf become null, numpy
     values plain numbers; ``allow_nan=False`` makes a stray non-finite number fail here, loudly)."""
-    from marginface.jsonout import dumps
-
     print(dumps(obj))
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from marginface.data.textfiles import read_text
 from marginface.errors import UserError
+from marginface.heads import build_loss_head
 
 
 @dataclass
@@ -466,8 +467,6 @@ def validate(cfg: Config) -> None:
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
     # the loss head checks its own parameters (names and values) and says which are valid
-    from marginface.heads import build_loss_head
-
     build_loss_head(cfg.head.margin, 8, 2, cfg.head.params)
     need(cfg.head.margin != "pair_bce" or cfg.data.samples_per_identity >= 2,
          "head.margin = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")

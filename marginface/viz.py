@@ -28,8 +28,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from marginface.data.dataset import normalize_batch
+from marginface.data.synthetic import SyntheticSource
 from marginface.errors import UserError
+from marginface.heads import CenterLoss, build_head
 from marginface.io.atomic import atomic_write, atomic_write_json, ensure_dir
+from marginface.models import build_backbone
 
 
 @dataclass
@@ -84,8 +88,6 @@ def compactness(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _embed(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    from marginface.data.dataset import normalize_batch
-
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -104,10 +106,6 @@ def train_2d(images: torch.Tensor, labels: torch.Tensor, options: VizOptions, *,
     step 0 and the end). Weights and batches depend only on ``options.seed``, so the runs with and
     without ``center`` differ only in the loss.
     """
-    from marginface.data.dataset import normalize_batch
-    from marginface.heads import CenterLoss, build_head
-    from marginface.models import build_backbone
-
     num_classes = int(labels.max()) + 1
     torch.manual_seed(options.seed)
     backbone = build_backbone("mbf", embedding_size=2, input_size=options.input_size, width_mult=options.width_mult)
@@ -214,8 +212,6 @@ def _gif(snapshots: list, labels: np.ndarray, title: str, path: Path) -> None:
 def run_viz(out_dir: str | Path, options: Optional[VizOptions] = None, *, gif: bool = False,
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Train both runs and write the PNGs (and GIFs); returns the summary also saved as viz.json."""
-    from marginface.data.synthetic import SyntheticSource
-
     options = options or VizOptions()
     options.check()
     try:

@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from marginface.data import images
+from marginface.data.textfiles import read_text
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_path, atomic_write_text, ensure_dir, write_error
 
@@ -307,8 +308,6 @@ def read_property(path: Path) -> tuple[int, int, int] | None:
     """``(num_classes, height, width)`` from an insightface ``property`` file, or None if absent."""
     if not path.is_file():
         return None
-    from marginface.data.textfiles import read_text
-
     text = read_text(path, "property file").strip()
     try:
         values = tuple(int(v) for v in text.split(","))

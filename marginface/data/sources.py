@@ -17,9 +17,11 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from marginface.data.align import align_face, crop_box
 from marginface.data.images import read_image
-from marginface.data.textfiles import csv_rows, read_text
 from marginface.data.recordio import RecordIOSource
+from marginface.data.synthetic import SyntheticSource
+from marginface.data.textfiles import csv_rows, read_text
 from marginface.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -240,8 +242,6 @@ class VGGFace2Source(_FileListSource):
         self.num_classes = len(self.identities)
 
     def read(self, i: int) -> np.ndarray:
-        from marginface.data.align import align_face, crop_box
-
         image = read_image(self.paths[i])
         if self.landmarks[i] is not None:
             return align_face(image, self.landmarks[i], size=self.image_size)
@@ -297,8 +297,6 @@ def split_by_identity(source: Any, val_fraction: float, seed: int = 0) -> tuple[
 def open_source(spec: str | Path, **kw: Any) -> Any:
     """The source ``spec`` points at: ``synthetic``, a RecordIO pack, a list file, VGGFace2, a folder."""
     if str(spec) == "synthetic":
-        from marginface.data.synthetic import SyntheticSource
-
         return SyntheticSource(**kw)
     path = Path(spec)
     if path.is_dir():

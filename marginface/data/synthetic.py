@@ -18,7 +18,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from marginface.data.images import imwrite_rgb
+from marginface.data.pairs import pairs_from_identities
+from marginface.data.recordio import write_pack
 from marginface.errors import UserError
+from marginface.io.atomic import ensure_dir
 
 CANVAS = 112
 # Held-out verification identities come from a disjoint range of identity ids.
@@ -266,8 +270,6 @@ def render_identities(identities, images_per_identity: int, size: int, seed: int
 def synthetic_pair_set(num_identities: int = 200, images_per_identity: int = 6, num_pairs: int = 2000,
                        image_size: int = CANVAS, seed: int = 0, name: str = "synthetic"):
     """A balanced verification set over identities never used for training (a disjoint id range)."""
-    from marginface.data.verification import pairs_from_identities
-
     src = SyntheticSource(num_identities, images_per_identity, image_size, seed, identity_offset=HELD_OUT_OFFSET)
     ps = pairs_from_identities(src.images, src.labels, num_pairs, seed)
     ps.name = name
@@ -277,12 +279,7 @@ def synthetic_pair_set(num_identities: int = 200, images_per_identity: int = 6, 
 def write_synthetic(out: str, identities: int = 100, images_per_identity: int = 10, image_size: int = CANVAS,
                     seed: int = 0, fmt: str = "folder") -> dict:
     """Write synthetic identities as an image folder (``out/<id>/<n>.jpg``) or a RecordIO pack."""
-    from pathlib import Path
-
     src = SyntheticSource(identities, images_per_identity, image_size, seed)
-    from marginface.data.images import imwrite_rgb
-    from marginface.io.atomic import ensure_dir
-
     root = ensure_dir(out)
     if fmt == "folder":
         for i in range(len(src)):
@@ -290,8 +287,6 @@ def write_synthetic(out: str, identities: int = 100, images_per_identity: int = 
             d = ensure_dir(root / f"id{label:06d}")
             imwrite_rgb(d / f"{j:04d}.jpg", src.read(i), [cv2.IMWRITE_JPEG_QUALITY, 95])  # UserError if it fails
     elif fmt == "rec":
-        from marginface.data.recordio import write_pack
-
         def encoded():
             for i in range(len(src)):
                 ok, buf = cv2.imencode(".jpg", src.read(i)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])

@@ -12,7 +12,10 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
+from marginface.data.align import align_face
 from marginface.data.images import read_image
+from marginface.data.images import imwrite_rgb
+from marginface.data.recordio import write_pack
 from marginface.data.sources import (
     IMAGE_EXTENSIONS,
     FolderSource,
@@ -21,7 +24,7 @@ from marginface.data.sources import (
     parse_list_line,
     source_item_name,
 )
-from marginface.data.images import imwrite_rgb
+from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_write, atomic_write_bytes, atomic_write_text, ensure_dir
 
@@ -89,8 +92,6 @@ def inspect_path(path: str | Path, max_check: int | None = 100_000) -> dict[str,
     if str(path) != "synthetic" and not path.exists():
         raise UserError(f"{path}: no such file or directory")
     if str(path) != "synthetic" and _looks_like_pair_set(path):
-        from marginface.data.verification import load_pair_set
-
         pair_set = load_pair_set(path)
         issame = pair_set.issame
         return {
@@ -139,8 +140,6 @@ def _is_jpeg_or_png(data: bytes) -> bool:
 
 def source_to_pack(source: Any, dst: Path, image_size: int | None = None, quality: int = 95) -> dict[str, Any]:
     """Any training source -> insightface pack; original JPEG/PNG bytes are kept when no resize is needed."""
-    from marginface.data.recordio import write_pack
-
     order = np.argsort(np.asarray(source.labels), kind="stable")  # packs hold identities as key ranges
     skipped: list[str] = []
     shape: list[tuple[int, int]] = []  # (h, w) of the pack, fixed by the first readable image
@@ -200,8 +199,6 @@ def pack_to_folder(source: Any, dst: Path) -> dict[str, Any]:
 
 def pair_set_to_folder(path: Path, dst: Path) -> dict[str, Any]:
     """Verification set -> ``dst/images/NNNNN.png`` + ``dst/pairs.csv`` (file_x, file_y, Decision)."""
-    from marginface.data.verification import load_pair_set
-
     pair_set = load_pair_set(path)
     ensure_dir(dst / "images")
     for i, image in enumerate(pair_set.images):  # PNG: the set's images are kept losslessly
@@ -242,8 +239,6 @@ def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tu
 
     Images with several faces use the largest; those with none are listed and not written.
     """
-    from marginface.data.align import align_face
-
     src_path, dst_path = Path(src), Path(dst)
     if not src_path.is_dir():
         raise UserError(f"{src_path}: not a directory")

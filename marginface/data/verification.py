@@ -25,56 +25,14 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from marginface.data.align import align_face
 from marginface.data.images import decode_image, read_image
+from marginface.data.pairs import PairSet, pairs_from_identities  # noqa: F401  (defined there, public here)
+from marginface.data.sources import FolderSource
 from marginface.data.textfiles import check_regular_file, csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
-
-
-@dataclass
-class PairSet:
-    """Images plus the pairs to compare.
-
-    ``images``: ``N×H×W×3`` uint8 RGB, each distinct image once; ``pairs``: ``K×2`` int64 indices
-    into ``images``; ``issame``: ``K`` bool, or ``None`` for an unlabelled set (it can be scored
-    but not evaluated).
-    """
-
-    name: str
-    images: np.ndarray
-    pairs: np.ndarray
-    issame: Optional[np.ndarray]
-
-    def __post_init__(self) -> None:
-        images = np.asarray(self.images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"pair set {self.name!r}: images must be N×H×W×3 uint8, got {images.shape} {images.dtype}"
-            )
-        pairs = np.asarray(self.pairs)
-        if pairs.size == 0:
-            pairs = pairs.reshape(0, 2)
-        if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
-            raise ValueError(f"pair set {self.name!r}: pairs must be K×2 integers, got {pairs.shape} {pairs.dtype}")
-        if pairs.size and (pairs.min() < 0 or pairs.max() >= len(images)):
-            raise ValueError(f"pair set {self.name!r}: pair indices outside 0..{len(images) - 1}")
-        self.images = images
-        self.pairs = pairs.astype(np.int64, copy=False)
-        if self.issame is not None:
-            issame = np.asarray(self.issame).reshape(-1)
-            if issame.shape[0] != len(pairs):
-                raise ValueError(f"pair set {self.name!r}: {len(pairs)} pairs but {issame.shape[0]} labels")
-            if issame.dtype != np.bool_ and not np.isin(issame, (0, 1)).all():
-                raise ValueError(f"pair set {self.name!r}: issame must be booleans or 0/1")
-            self.issame = issame.astype(bool, copy=False)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    @property
-    def labelled(self) -> bool:
-        return self.issame is not None
 
 
 @dataclass
@@ -359,8 +317,6 @@ def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
 
 def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size: Optional[ImageSize]):
     """image, relative path, file -> the face crop: by landmark file, by detector, or resized as is."""
-    from marginface.data.align import align_face
-
     size = image_size or 112
     points = read_landmarks_file(landmarks) if landmarks else None
     warned = []
@@ -539,107 +495,7 @@ def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None
 
 
 def _sampled_folder_pairs(root: Path, image_size: Optional[ImageSize], n_pairs: int, seed: int) -> PairSet:
-    from marginface.data.sources import FolderSource
-
     src = FolderSource(root)
     images = [resize_image(src.read(i), image_size) for i in range(len(src))]
     return pairs_from_identities(_stack_images(images, str(root), [str(i) for i in range(len(images))]),
                                  src.labels, n_pairs, seed, name=root.resolve().name)
-
-
-def _sample_unique_pairs(rng: np.random.Generator, count: int, total: int, draw, enumerate_all) -> list[tuple[int, int]]:
-    """``count`` distinct unordered pairs out of ``total`` possible ones.
-
-    Rejection sampling while the pool is large; when most pairs are needed, enumerate them all
-    and choose (rejection would stall near exhaustion).
-    """
-    if count > total / 2:
-        everything = enumerate_all()
-        chosen = rng.choice(len(everything), size=count, replace=False)
-        return [everything[i] for i in chosen]
-    seen: set[tuple[int, int]] = set()
-    result = []
-    while len(result) < count:
-        a, b = draw()
-        key = (min(a, b), max(a, b))
-        if key not in seen:
-            seen.add(key)
-            result.append(key)
-    return result
-
-
-def pairs_from_identities(
-    images: np.ndarray,
-    labels: Sequence[int],
-    n_pairs: int,
-    seed: int = 0,
-    name: str = "identities",
-) -> PairSet:
-    """Sample a balanced, reproducible pair set from identity-labelled images.
-
-    ``n_pairs // 2`` same pairs (uniform over all distinct same-identity pairs) and the rest
-    different pairs (uniform over distinct cross-identity pairs), interleaved S, D, S, D... so
-    every consecutive fold of the k-fold protocol holds both classes. Only the images used are
-    kept.
-    """
-    images = np.asarray(images)
-    labels_arr = np.asarray(labels).reshape(-1)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be N×H×W×3 uint8, got {images.shape} {images.dtype}")
-    if len(labels_arr) != len(images):
-        raise ValueError(f"{len(images)} images but {len(labels_arr)} labels")
-    if n_pairs < 2:
-        raise UserError(f"pair sampling: n_pairs must be >= 2, got {n_pairs}")
-    identities, inverse, counts = np.unique(labels_arr, return_inverse=True, return_counts=True)
-    if len(identities) < 2:
-        raise UserError(f"pair sampling: need at least 2 identities, got {len(identities)}")
-    if counts.max() < 2:
-        raise UserError("pair sampling: no identity has 2 images, so no same pairs can be formed")
-
-    n_same, n_diff = n_pairs // 2, n_pairs - n_pairs // 2
-    members = [np.flatnonzero(inverse == c) for c in range(len(identities))]
-    same_per_identity = counts * (counts - 1) // 2
-    same_total = int(same_per_identity.sum())
-    diff_total = len(images) * (len(images) - 1) // 2 - same_total
-    if n_same > same_total or n_diff > diff_total:
-        raise UserError(
-            f"pair sampling: asked for {n_same} same + {n_diff} different pairs but only "
-            f"{same_total} same and {diff_total} different pairs exist"
-        )
-    rng = np.random.default_rng(seed)
-    cumulative = np.cumsum(same_per_identity)
-
-    def draw_same() -> tuple[int, int]:
-        # identity chosen with probability proportional to its number of same pairs
-        group = members[int(np.searchsorted(cumulative, rng.integers(same_total), side="right"))]
-        a, b = rng.choice(len(group), size=2, replace=False)
-        return int(group[a]), int(group[b])
-
-    def all_same() -> list[tuple[int, int]]:
-        return [(int(g[i]), int(g[j])) for g in members for i in range(len(g)) for j in range(i + 1, len(g))]
-
-    def draw_diff() -> tuple[int, int]:
-        while True:
-            a, b = rng.integers(len(images), size=2)
-            if inverse[a] != inverse[b]:
-                return int(a), int(b)
-
-    def all_diff() -> list[tuple[int, int]]:
-        return [(a, b) for a in range(len(images)) for b in range(a + 1, len(images)) if inverse[a] != inverse[b]]
-
-    same = _sample_unique_pairs(rng, n_same, same_total, draw_same, all_same)
-    diff = _sample_unique_pairs(rng, n_diff, diff_total, draw_diff, all_diff)
-
-    ordered, issame = [], []
-    for k in range(max(n_same, n_diff)):
-        for group, flag in ((same, True), (diff, False)):
-            if k < len(group):
-                ordered.append(group[k])
-                issame.append(flag)
-    used, remapped = np.unique(np.asarray(ordered, dtype=np.int64), return_inverse=True)
-    return PairSet(
-        name=name,
-        images=images[used],
-        pairs=remapped.reshape(-1, 2),
-        issame=np.asarray(issame, dtype=bool),
-    )

@@ -29,8 +29,17 @@ import numpy as np
 import torch
 
 from marginface import malloc
+from marginface.data.transforms import to_tensor
+from marginface.deploy.compiled import CompiledEmbedder
+from marginface.deploy.export import export_onnx, file_mb, load_source, parity_images
+from marginface.deploy.fold import fold_batchnorm
+from marginface.deploy.load import load_model
+from marginface.deploy.onnx_model import OnnxEmbedder, load_onnx_proto
+from marginface.deploy.quantize import QuantOptions, quantize_onnx
 from marginface.errors import UserError
 from marginface.inference import ModelInfo
+from marginface.io.trust import COMPILED, code_kind, refuse_untrusted
+from marginface.models import count_macs, count_parameters
 
 Runner = Callable[[np.ndarray], object]
 
@@ -91,16 +100,11 @@ class BenchContext:
         if self.onnx_path is None:
             if self.model is None:
                 raise RuntimeError("no model to export")
-            from marginface.deploy.export import export_onnx
-
             self.onnx_path = self.workdir / "fp32.onnx"
             export_onnx(self.model, self.onnx_path)
         return self.onnx_path
 
     def int8_onnx(self, options=None) -> Path:
-        from marginface.deploy.export import parity_images
-        from marginface.deploy.quantize import QuantOptions, quantize_onnx
-
         options = options or QuantOptions()
         key = options.describe()
         if key not in self._quantized:
@@ -121,8 +125,6 @@ class BenchContext:
 
 # ---------------------------------------------------------------------------------------------- runtimes
 def _ort_runner(path: Path, threads: int, optimization: str = "all") -> Runner:
-    from marginface.deploy.onnx_model import OnnxEmbedder
-
     model = OnnxEmbedder(path, threads=threads, optimization=optimization)
     return model.run_numpy
 
@@ -143,8 +145,6 @@ def _torch_eager(ctx: BenchContext) -> Runner:
 
 
 def _torch_jit_frozen(ctx: BenchContext) -> Runner:
-    from marginface.deploy.fold import fold_batchnorm
-
     folded = fold_batchnorm(_need_torch(ctx))
     example = torch.zeros((1, 3) + ctx.input_size)
     with torch.no_grad():
@@ -169,8 +169,6 @@ def _torch_optimize_for_inference(ctx: BenchContext) -> Runner:
 
 
 def _torch_bf16_channels_last(ctx: BenchContext) -> Runner:
-    from marginface.deploy.fold import fold_batchnorm
-
     model = fold_batchnorm(_need_torch(ctx)).to(memory_format=torch.channels_last)
 
     def run(x):
@@ -180,8 +178,6 @@ def _torch_bf16_channels_last(ctx: BenchContext) -> Runner:
 
 
 def _torch_channels_last(ctx: BenchContext) -> Runner:
-    from marginface.deploy.fold import fold_batchnorm
-
     model = fold_batchnorm(_need_torch(ctx)).to(memory_format=torch.channels_last)
 
     def run(x):
@@ -211,9 +207,6 @@ def torch_int8_fx(model: torch.nn.Module, calibration: np.ndarray) -> torch.nn.M
 
 
 def _torch_int8_fx(ctx: BenchContext) -> Runner:
-    from marginface.data.transforms import to_tensor
-    from marginface.deploy.export import parity_images
-
     calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize).numpy()
     quantized = torch_int8_fx(_need_torch(ctx), calibration)
 
@@ -231,10 +224,6 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
     builds anew: an int8 embedder built earlier in the process runs ~2x slower once another has
     been quantised (see `marginface.deploy.compiled`)."""
     def build(ctx: BenchContext) -> Runner:
-        from marginface.data.transforms import to_tensor
-        from marginface.deploy.compiled import CompiledEmbedder
-        from marginface.deploy.export import parity_images
-
         model = _need_torch(ctx)
         calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize)
         current: dict = {}
@@ -262,8 +251,6 @@ def _onnxruntime_int8(options=None) -> Callable[[BenchContext], Runner]:
 
 
 def _int8_options(**kw):
-    from marginface.deploy.quantize import QuantOptions
-
     return QuantOptions(**kw)
 
 
@@ -311,8 +298,6 @@ def onnx_params_and_macs(path: Path) -> tuple[int, int]:
     their int8 forms), with the batch dimension set to 1 for shape inference."""
     import onnx
     from onnx import shape_inference
-
-    from marginface.deploy.onnx_model import load_onnx_proto
 
     proto = load_onnx_proto(path)
     inits = {i.name: i for i in proto.graph.initializer}
@@ -374,18 +359,12 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
     ``skipped`` with the reason. ``trust_code``: allow a compiled ``.pt2`` package, which runs
     native code when opened (see `load_model`).
     """
-    from marginface.deploy.export import file_mb, load_source
-    from marginface.deploy.load import load_model
-    from marginface.models import count_macs, count_parameters
-
     threads = threads or default_threads()
     builders = runtime_builders()
     unknown = [r for r in runtimes if r not in builders]
     if unknown:
         raise UserError(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(builders)}")
     if model_spec is not None:
-        from marginface.io.trust import COMPILED, code_kind, refuse_untrusted
-
         if code_kind(model_spec) == COMPILED:  # TorchScript is refused by the checkpoint loader
             refuse_untrusted(model_spec, trust_code)  # before anything opens it
     with tempfile.TemporaryDirectory(prefix="marginface-bench-") as work:
@@ -465,9 +444,6 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
 
 
 def _bench_input(hw: tuple[int, int], batch: int) -> np.ndarray:
-    from marginface.data.transforms import to_tensor
-    from marginface.deploy.export import parity_images
-
     faces = parity_images(hw, min(batch, 16), seed=2)
     reps = -(-batch // len(faces))
     return np.ascontiguousarray(to_tensor(np.concatenate([faces] * reps)[:batch]).numpy())

@@ -37,9 +37,13 @@ from typing import Optional, Union
 
 import torch
 
+from marginface.deploy.fold import regroup_thin_convs
+from marginface.deploy.modelfile import atomic_path
 from marginface.errors import UserError
 from marginface.inference import DEFAULT_NORMALIZE, InfoAttributes, ModelInfo
 from marginface.hardware import has_int8_dot_product, int8_weight_range, missing_features
+from marginface.io.trust import COMPILED, WHY
+from marginface.models.layers import set_fast_layers
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PACKAGE_METADATA = "marginface"  # key of our JSON in a .pt2 package's metadata
@@ -52,9 +56,6 @@ def _inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy with the stock ``nn.Conv2d``/``nn.PReLU`` classes (the quantizer matches
     layers by class, and the fast layers' autograd tricks are training-only anyway) and thin-group
     convs regrouped (`deploy.fold.regroup_thin_convs`: mbf int8 3.7 vs 5.0 ms at batch 1)."""
-    from marginface.deploy.fold import regroup_thin_convs
-    from marginface.models.layers import set_fast_layers
-
     stock = copy.deepcopy(model).eval()
     set_fast_layers(stock, False)
     return regroup_thin_convs(stock)
@@ -171,8 +172,6 @@ class CompiledEmbedder(InfoAttributes):
     def save(self, path: Union[str, Path]) -> Path:
         """Write the compiled package (``.pt2``; atomically): `load` runs it with no recompiling,
         on a machine with the same torch version and CPU instruction sets (or CUDA)."""
-        from marginface.deploy.export import atomic_path
-
         if self._package is None:
             raise UserError("nothing compiled yet: embed a batch first (compiling happens on the first call)")
         with atomic_path(path) as tmp:
@@ -185,8 +184,6 @@ class CompiledEmbedder(InfoAttributes):
         """A package written by `save` (``marginface export --format aoti``), ready to run.
 
         Opening a package loads the native code in it: refused unless ``trust_code``."""
-        from marginface.io.trust import COMPILED, WHY
-
         path = Path(path)
         if not trust_code:
             raise UserError(f"{path}: {WHY[COMPILED]}; pass --trust-code if you trust this file")

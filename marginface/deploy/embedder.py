@@ -29,8 +29,14 @@ from typing import Iterable, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from marginface.data.align import align_face
+from marginface.data.detect import MTCNNDetector
 from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
+from marginface.data.sources import list_image_files
+from marginface.data.synthetic import render_image
+from marginface.deploy.load import load_model
 from marginface.errors import UserError
+from marginface.evaluate.runner import embed_images, l2_normalize
 from marginface.inference import EmbedOptions, ModelInfo
 
 ImageLike = Union[str, Path, np.ndarray]
@@ -73,8 +79,6 @@ class FaceEmbedder:
                  batch_size: Optional[int] = None, max_detect_side: int = 1280, pad_fraction: float = 0.25,
                  threshold: Optional[float] = None, threads: Optional[int] = None, trust_code: bool = False,
                  options: Optional[EmbedOptions] = None):
-        from marginface.deploy.load import load_model
-
         if isinstance(model, (str, Path)):
             model = load_model(model, normalize, threads=threads, trust_code=trust_code)
         # The caller's model is never changed: a ``normalize`` override lives in this embedder's
@@ -113,8 +117,6 @@ class FaceEmbedder:
     @property
     def detector(self):
         if self._detector is None:
-            from marginface.data.detect import MTCNNDetector
-
             self._detector = MTCNNDetector(self._detector_weights)
         return self._detector
 
@@ -153,8 +155,6 @@ class FaceEmbedder:
         else:
             source, shift = rgb, 0
         faces = []
-        from marginface.data.align import align_face
-
         for box, score, landmarks in found:
             crop = align_face(source, landmarks + shift, self.input_size)
             faces.append(DetectedFace(box, score, landmarks.astype(np.float32), crop, padded))
@@ -170,8 +170,6 @@ class FaceEmbedder:
     # ------------------------------------------------------------------ embedding
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """Aligned ``N×H×W×3`` uint8 crops -> ``N×D`` float32 unit embeddings (flip-sum)."""
-        from marginface.evaluate.runner import embed_images, l2_normalize
-
         crops = np.asarray(crops)
         if crops.ndim == 3:
             crops = crops[None]
@@ -216,8 +214,6 @@ class FaceEmbedder:
         Two models that embed the same way (a checkpoint and its fp32 export) give nearly the
         same probe; galleries store it to refuse searches with a different model.
         """
-        from marginface.data.synthetic import render_image
-
         probe = cv2.resize(render_image(7, 7, 0), self.input_size[::-1], interpolation=cv2.INTER_AREA)
         vec = self.embed_crops(probe[None])[0]
         digest = hashlib.sha256(np.round(vec, 2).astype(np.float32).tobytes()).hexdigest()[:16]
@@ -226,6 +222,4 @@ class FaceEmbedder:
 
 def iter_image_files(folder: Union[str, Path]) -> Iterable[Path]:
     """The images directly in ``folder``, sorted (one gallery identity's photos)."""
-    from marginface.data.sources import list_image_files
-
     yield from list_image_files(folder, recursive=False)

@@ -21,14 +21,20 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from marginface.data.synthetic import render_identities
+from marginface.data.transforms import NORMALIZATIONS, to_tensor
+from marginface.deploy.compiled import CompiledEmbedder, PRECISIONS
+from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
+from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_checkpoint_model, load_model, random_backbone
+from marginface.deploy.modelfile import atomic_path, file_mb, set_onnx_metadata  # noqa: F401  (public here too)
+from marginface.deploy.quantize import QuantOptions, load_calibration_images, quantize_onnx
 from marginface.errors import UserError
 from marginface.inference import ModelInfo
-from marginface.io.atomic import atomic_path as io_atomic_path
 
 # Opset 13 is the newest opset that every mobile runtime we target reads (ONNX Runtime Mobile,
 # NCNN/pnnx, MNN, TNN, onnx2tf -> TFLite, Qualcomm QNN/SNPE, TensorRT) and the first with
@@ -65,35 +71,11 @@ METADATA_KEYS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def atomic_path(out: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it is fsynced and renamed to ``out``,
-    on any error it is removed and ``out`` is untouched (`marginface.io.atomic.atomic_path`; a
-    failed write, e.g. a full disk, is a `UserError` naming ``out``)."""
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; give a file name for the exported model")
-    with io_atomic_path(out) as tmp:
-        yield tmp
-
-
-def file_mb(path: Union[str, Path]) -> float:
-    path = Path(path)
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if data.is_file():
-        total += data.stat().st_size
-    return total / 2**20
-
-
 # ---------------------------------------------------------------------------------------------- sources
 def load_source(model_or_path, *, backbone: Optional[str] = None, embedding_size: Optional[int] = None,
                 input_size: int = 112, width_mult: Optional[float] = None) -> torch.nn.Module:
     """A torch backbone to export: an ``nn.Module`` as is, a run dir / checkpoint, or (with
     ``backbone``) a randomly initialised architecture."""
-    from marginface.deploy.load import load_checkpoint_model, random_backbone
-
     if backbone:
         options = {"width_mult": width_mult} if width_mult else {}
         return random_backbone(backbone, embedding_size, input_size, **options)
@@ -113,8 +95,6 @@ def _input_hw(model) -> tuple[int, int]:
 
 def build_metadata(model, *, quantization: str = "none", extra: Optional[dict] = None) -> dict[str, str]:
     """The metadata our exports carry (all values strings, as ONNX metadata_props require)."""
-    from marginface.data.transforms import NORMALIZATIONS
-
     info = ModelInfo.of(model)
     normalize = info.normalize
     mean, std = NORMALIZATIONS[normalize]
@@ -147,8 +127,6 @@ def build_metadata(model, *, quantization: str = "none", extra: Optional[dict] =
 def parity_images(input_size: tuple[int, int], count: int = 16, seed: int = 0) -> np.ndarray:
     """Deterministic synthetic faces (``N×H×W×3`` uint8) for parity checks and calibration."""
     import cv2
-
-    from marginface.data.synthetic import render_identities
 
     faces = render_identities(range(count), 1, 112, seed)
     h, w = input_size
@@ -184,16 +162,6 @@ def _torch_onnx_export(model, example, target: Path, opset: int, dynamic_batch: 
                           opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=False)
 
 
-def set_onnx_metadata(model_proto, metadata: dict[str, str], doc: str = "") -> None:
-    del model_proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model_proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    if doc:
-        model_proto.doc_string = doc
-    model_proto.producer_name = "marginface"
-
-
 def export_onnx(model: torch.nn.Module, out: Union[str, Path], *, opset: int = DEFAULT_OPSET,
                 metadata: Optional[dict] = None, dynamic_batch: bool = True, fold: bool = True,
                 prelu: str = "max") -> Path:
@@ -203,8 +171,6 @@ def export_onnx(model: torch.nn.Module, out: Union[str, Path], *, opset: int = D
     which ONNX Runtime runs ~2x faster end to end; ``"native"`` keeps ONNX ``PRelu`` ops.
     """
     import onnx
-
-    from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
 
     if prelu not in ("max", "native"):
         raise UserError(f"prelu must be 'max' or 'native', got {prelu!r}")
@@ -236,9 +202,6 @@ def export_onnx(model: torch.nn.Module, out: Union[str, Path], *, opset: int = D
 def export_torchscript(model: torch.nn.Module, out: Union[str, Path], *, metadata: Optional[dict] = None,
                        fold: bool = True) -> Path:
     """BN-folded, traced and frozen TorchScript with ``marginface.json`` metadata, written atomically."""
-    from marginface.deploy.fold import fold_batchnorm
-    from marginface.deploy.load import TORCHSCRIPT_EXTRA
-
     model = model.eval()
     folded = fold_batchnorm(model) if fold else model
     example = torch.zeros((2, 3) + _input_hw(model))
@@ -266,14 +229,9 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
     """An ahead-of-time compiled package (``.pt2``, `deploy.compiled`): the fastest CPU path
     (x86 int8 / bf16), tied to this torch version and CPU; runs every call in batches of
     ``batch_size`` (1: lowest latency)."""
-    from marginface.data.transforms import to_tensor
-    from marginface.deploy.compiled import CompiledEmbedder
-
     _check_compiled_args(out, precision, calib)
 
     if calib:
-        from marginface.deploy.quantize import load_calibration_images
-
         images = load_calibration_images(calib, _input_hw(model), limit=calib_limit)
     else:
         images = parity_images(_input_hw(model), max(batch_size, 1))
@@ -285,8 +243,6 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
 
 
 def _check_compiled_args(out: Union[str, Path], precision: str, calib) -> None:
-    from marginface.deploy.compiled import PRECISIONS
-
     if Path(out).suffix != ".pt2":
         raise UserError(f"--out {out}: a compiled package must end in .pt2")
     if precision not in PRECISIONS:
@@ -324,8 +280,6 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
                                     calib_limit=calib_limit)}
         return _finish_report(report, model, out, check)
     if int8:
-        from marginface.deploy.quantize import QuantOptions, load_calibration_images
-
         quant_options = quant_options or QuantOptions()
         calib_images = load_calibration_images(calib, hw, limit=calib_limit)  # fail early, before exporting
     report = {"out": str(out), "format": fmt, "int8": bool(int8)}
@@ -335,8 +289,6 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         export_onnx(model, out, opset=opset)
         report["opset"] = opset
     else:
-        from marginface.deploy.quantize import quantize_onnx
-
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
             fp32 = Path(work) / "fp32.onnx"
             export_onnx(model, fp32, opset=opset)
@@ -349,8 +301,6 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
 
 def _finish_report(report: dict, model, out: Path, check: bool) -> dict:
     """Size, parity with the PyTorch model and the metadata as read back by `load_model`."""
-    from marginface.deploy.load import load_model
-
     report["file_mb"] = file_mb(out)
     if check:
         report["parity"] = check_parity(model, out, trust_code=True)  # the file we have just written
@@ -363,9 +313,6 @@ def check_parity(model: torch.nn.Module, exported: Union[str, Path], images: Opt
                  trust_code: bool = False) -> dict:
     """Raw embeddings of PyTorch vs the exported file on ``images`` (default: 16 synthetic faces).
     ``trust_code``: the file may be TorchScript or a compiled package (see `load_model`)."""
-    from marginface.data.transforms import to_tensor
-    from marginface.deploy.load import load_model
-
     hw = _input_hw(model)
     images = parity_images(hw) if images is None else images
     x = to_tensor(images, ModelInfo.of(model).normalize)

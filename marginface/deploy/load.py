@@ -25,10 +25,16 @@ from typing import Optional, Union
 
 import torch
 
+from marginface.config import Config, from_dict
+from marginface.deploy.compiled import CompiledEmbedder
+from marginface.deploy.onnx_model import OnnxEmbedder
 from marginface.errors import UserError
 from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo,
                                   check_normalize, pick_threshold)
-from marginface.io.trust import COMPILED, TORCHSCRIPT, code_kind, refuse_untrusted
+from marginface.io.trust import COMPILED, TORCHSCRIPT, WHY, code_kind, refuse_untrusted
+from marginface.models import build_backbone
+from marginface.train.checkpoint import load_checkpoint, resolve_checkpoint
+from marginface.train.setup import build_model
 
 TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
 
@@ -53,10 +59,6 @@ def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") ->
     """A run directory / checkpoint -> its backbone in eval mode on the CPU, with ``input_size``,
     ``embedding_size``, ``normalize``, ``threshold``, ``threshold_source``, ``backbone_name``,
     ``model_path``. Reads the checkpoint once (see ``train.checkpoint.load_backbone``)."""
-    from marginface.config import Config, from_dict
-    from marginface.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from marginface.train.setup import build_model
-
     path = resolve_checkpoint(str(model_path), prefer)
     ckpt = load_checkpoint(path)
     cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
@@ -83,8 +85,6 @@ def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") ->
 def random_backbone(name: str, embedding_size: Optional[int] = None, input_size: int = 112,
                     seed: int = 0, **options) -> torch.nn.Module:
     """A backbone with random weights (for timing and size checks), same attributes as above."""
-    from marginface.models import build_backbone
-
     torch.manual_seed(seed)
     model = build_backbone(name, embedding_size=embedding_size, input_size=input_size, **options).eval()
     info = ModelInfo(input_size=model.input_size, embedding_size=model.embedding_size, normalize=DEFAULT_NORMALIZE,
@@ -126,8 +126,6 @@ class TorchScriptEmbedder(InfoAttributes, torch.nn.Module):
     def __init__(self, path: Path, normalize: Optional[str] = None, *, trust_code: bool = False):
         super().__init__()
         if not trust_code:  # torch.jit.load runs the archive's code
-            from marginface.io.trust import WHY
-
             raise UserError(f"{path}: {WHY[TORCHSCRIPT]}; pass --trust-code if you trust this file")
         extra = {TORCHSCRIPT_EXTRA: ""}
         try:
@@ -175,12 +173,8 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
         raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")
     kind = refuse_untrusted(path, trust_code)  # before any torch/ONNX Runtime code touches the file
     if path.is_file() and _looks_like_onnx(path):
-        from marginface.deploy.onnx_model import OnnxEmbedder
-
         return OnnxEmbedder(path, normalize, threads=threads)
     if kind == COMPILED:
-        from marginface.deploy.compiled import CompiledEmbedder
-
         return CompiledEmbedder.load(path, normalize, trust_code=trust_code)
     if kind == TORCHSCRIPT:
         return TorchScriptEmbedder(path, normalize, trust_code=trust_code)

@@ -31,7 +31,10 @@ from typing import Optional, Union
 
 import numpy as np
 
+from marginface.data.images import read_image
 from marginface.data.sources import IMAGE_EXTENSIONS, list_image_files
+from marginface.data.transforms import to_tensor
+from marginface.deploy.modelfile import atomic_path, set_onnx_metadata
 from marginface.errors import UserError
 
 
@@ -60,8 +63,6 @@ def load_calibration_images(folder: Union[str, Path], input_size: tuple[int, int
     more), resized to ``input_size``, as ``N×H×W×3`` uint8 RGB. They should be aligned face
     crops like the ones the model will see (e.g. ``marginface data align`` output)."""
     import cv2
-
-    from marginface.data.images import read_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -99,8 +100,6 @@ class _Reader:
     """onnxruntime ``CalibrationDataReader``: batches of normalised calibration images."""
 
     def __init__(self, input_name: str, images: np.ndarray, normalize: str, batch: int = 16):
-        from marginface.data.transforms import to_tensor
-
         self.input_name = input_name
         self.data = to_tensor(images, normalize).numpy()
         self.batch = batch
@@ -123,8 +122,6 @@ def quantize_onnx(fp32_path: Union[str, Path], out: Union[str, Path], calib_imag
     fp32 model's metadata (``quantization`` records the scheme)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from marginface.deploy.export import atomic_path, set_onnx_metadata
 
     options = options or QuantOptions()
     if options.fmt not in ("qdq", "qoperator"):

@@ -7,7 +7,9 @@ from typing import Union
 
 import numpy as np
 
+from marginface.data.verification import read_pair_list_csv
 from marginface.errors import UserError
+from marginface.evaluate.metrics import verification_metrics
 
 
 def verify_images(embedder, a: Union[str, Path], b: Union[str, Path]) -> dict:
@@ -21,9 +23,6 @@ def verify_images(embedder, a: Union[str, Path], b: Union[str, Path]) -> dict:
 def verify_pair_list(embedder, csv_path: Union[str, Path], *, nfolds: int = 10) -> dict:
     """Score every pair of a pairs CSV (``file_x,file_y`` [+ ``Decision``/``same``], paths
     relative to the CSV). ``eval`` holds `verification_metrics` when the CSV is labelled."""
-    from marginface.data.verification import read_pair_list_csv
-    from marginface.evaluate.metrics import verification_metrics
-
     pairs = read_pair_list_csv(csv_path)
     for p in pairs.paths_a + pairs.paths_b:
         if not p.is_file():

@@ -32,10 +32,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from marginface.data.images import read_image
+from marginface.data.sources import FolderSource, list_image_files
+from marginface.data.verification import resize_image
 from marginface.errors import UserError
+from marginface.evaluate.metrics import far_key
+from marginface.evaluate.report import json_safe, write_atomic
+from marginface.evaluate.runner import embed_images
 from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write, atomic_write_text, ensure_dir
-from marginface.evaluate.metrics import far_key
 
 Device = Union[str, torch.device]
 FOLDER_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of the folder/feature-file functions
@@ -284,8 +289,6 @@ def evaluate_identification(
 ) -> dict:
     """Embed (flip-sum) aligned RGB uint8 images with ``model`` and run `identification_metrics`.
     ``options``: `EmbedOptions` (the loose keywords override it)."""
-    from marginface.evaluate.runner import embed_images
-
     options = EmbedOptions.make(options, flip=flip, batch_size=batch_size, device=device, normalize=normalize)
     device = options.device
 
@@ -307,8 +310,6 @@ IMAGES_PER_BLOCK = 2048  # images decoded at once: bounded memory whatever the f
 
 def _identity_folder(role: str, root: Union[str, Path]):
     """``root/<identity>/*.jpg`` as a `FolderSource`; its errors say which folder (gallery/probes) failed."""
-    from marginface.data.sources import FolderSource
-
     try:
         return FolderSource(root)
     except UserError as exc:
@@ -336,8 +337,6 @@ def _open_feature_matrix(path: Path) -> np.ndarray:
 
 def image_files(root: Path, what: str = "distractors") -> list[Path]:
     """Every image under ``root`` (any depth: MegaFace's distractors sit in nested folders), sorted."""
-    from marginface.data.sources import list_image_files
-
     if not root.is_dir():
         raise UserError(f"{what}: {root}: not a directory")
     files = list_image_files(root)
@@ -354,9 +353,6 @@ def embed_image_files(model, read: Callable[[int], np.ndarray], count: int, *,
     model's input as the pair-set readers do), decoded ``IMAGES_PER_BLOCK`` at a time so memory
     stays bounded whatever the count; flip-sum unless ``flip=False``. ``options``: `EmbedOptions`
     (batch 128 by default; the loose keywords override it)."""
-    from marginface.data.verification import resize_image
-    from marginface.evaluate.runner import embed_images
-
     options = EmbedOptions.make(options, default=FOLDER_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
     info = ModelInfo.of(model)
@@ -424,8 +420,6 @@ def evaluate_identification_folders(
     ``fpir_targets`` (as requested; `tpir_at_fpir` holds those the non-mated probes support) and
     ``sources`` (the paths) to the metrics.
     """
-    from marginface.data.images import read_image
-
     options = EmbedOptions.make(options, default=FOLDER_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
     flip, device = options.flip, options.device
@@ -495,8 +489,6 @@ def format_identification(result: dict) -> str:
 
 def write_identification_report(out_dir: Union[str, Path], result: dict) -> dict:
     """``identification.json`` and ``identification.md`` in ``out_dir``, each written atomically."""
-    from marginface.evaluate.report import json_safe, write_atomic
-
     out = ensure_dir(out_dir)
     json_path, md_path = out / "identification.json", out / "identification.md"
     write_atomic(json_path, json.dumps(json_safe(result), indent=2) + "\n")

@@ -31,8 +31,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from marginface.data.align import align_face
+from marginface.data.images import read_image
 from marginface.errors import UserError
 from marginface.evaluate.metrics import equal_error_rate, roc_auc, roc_curve, tar_at_far
+from marginface.evaluate.runner import _inference_model, embed_views
 from marginface.inference import EmbedOptions, ModelInfo
 
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -226,8 +229,6 @@ class _Prepared:
     """A model already in its fast eval form (fused once, not per batch), as a plain callable."""
 
     def __init__(self, model):
-        from marginface.evaluate.runner import _inference_model
-
         self.info = ModelInfo.of(model)
         self._was_training = isinstance(model, torch.nn.Module) and model.training
         if isinstance(model, torch.nn.Module):
@@ -263,11 +264,8 @@ def ijb_image_views(
     Images are read, aligned and embedded in batches (IJB-C's 469k faces never sit in memory at
     once); each distinct image name is embedded once.
     """
-    from marginface.data.images import read_image
-    from marginface.evaluate.runner import embed_views
-
     if align is None:
-        from marginface.data.align import align_face as align
+        align = align_face
     options = EmbedOptions.make(options, default=IJB_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
     size = ModelInfo.of(model).image_size

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from marginface.evaluate.metrics import roc_curve
+from marginface.io.atomic import atomic_write
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]  # set name -> (scores, issame)
 
@@ -118,8 +119,6 @@ def plot_score_histograms(path: Path, curves: Curves, thresholds: Optional[Mappi
 
 def _save(plt, fig, path) -> Path:
     """``fig`` as PNG into ``path`` atomically (no half-written image on a full disk), then closed."""
-    from marginface.io.atomic import atomic_write
-
     path = Path(path)
     try:
         fig.tight_layout()

@@ -21,10 +21,15 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
+from marginface.evaluate.ijb import evaluate_ijb, is_ijb_dir
+from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, verification_metrics
+from marginface.evaluate.plots import plot_roc, plot_score_histograms
+from marginface.evaluate.runner import embed_views, l2_normalize, pair_scores
 from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write_text, ensure_dir
-from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, verification_metrics
+from marginface.jsonout import json_safe  # one implementation; re-exported here
 
 Curves = dict  # set name -> (scores, issame)
 
@@ -36,8 +41,6 @@ Curves = dict  # set name -> (scores, issame)
 def _views_metrics(views: Sequence[np.ndarray], pairs: np.ndarray, issame: np.ndarray, nfolds: int) -> tuple[dict, np.ndarray]:
     """Verification metrics of the sum of ``views`` (1 view: plain, 2: flip-sum) plus insightface's
     ``xnorm`` (mean L2 norm of each view's embeddings before summing)."""
-    from marginface.evaluate.runner import l2_normalize, pair_scores
-
     as64 = [v.astype(np.float64) for v in views]
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(v, axis=1) for v in as64])))
     scores = pair_scores(l2_normalize(np.sum(as64, axis=0)), pairs)
@@ -59,8 +62,6 @@ def evaluate_pair_set_both(model, pair_set, *, options: Optional[EmbedOptions] =
     one, at the top level and ``"flip": false``. ``options`` (`EmbedOptions`, batch 128 by
     default); the loose keywords override it.
     """
-    from marginface.evaluate.runner import embed_views
-
     if pair_set.issame is None:
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
     if len(pair_set) == 0:
@@ -109,9 +110,6 @@ def evaluate_suite(
     protocol (`marginface.evaluate.ijb`). Set names come from the files (``lfw.bin`` -> ``lfw``);
     a repeated name gets ``-2``, ``-3``...
     """
-    from marginface.data.verification import load_pair_set
-    from marginface.evaluate.ijb import evaluate_ijb, is_ijb_dir
-
     options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
     size = ModelInfo.of(model).input_size
@@ -140,9 +138,6 @@ def evaluate_suite(
 
 # ---------------------------------------------------------------------------------------------
 # JSON
-
-
-from marginface.jsonout import json_safe  # noqa: E402  (one implementation; re-exported here)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -261,10 +256,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def format_table(results: dict, columns: Optional[list] = None) -> str:
+    """A plain-text table: one row per verification set, one column per headline metric."""
+    columns = columns or ["accuracy", "accuracy_std", "threshold", "auc", "eer", "tar@1e-3", "pos_mean", "neg_mean", "xnorm", "pairs"]
+    rows = [["set"] + columns]
+    for name, m in results.items():
+        row = [name]
+        for c in columns:
+            v = m.get("tar_at_far", {}).get(c.split("@")[1]) if c.startswith("tar@") else m.get(c)
+            row.append("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_results_table(results: Mapping) -> str:
     """Plain-text table (set x metric) for the console."""
-    from marginface.train.loggers import format_table
-
     flat = {name: {**headline(m), "tar_at_far": m.get("tar_at_far", {})} for name, m in results.items()}
     columns = [c for c in _columns(results) if c != "threshold_distance"]
     return format_table(flat, columns)
@@ -346,8 +355,6 @@ def write_report(out_dir: Union[str, Path], report: Mapping, curves: Optional[Cu
     written: list[str] = []
     notes: list[str] = []
     if plots and results:
-        from marginface.evaluate.plots import plot_roc, plot_score_histograms
-
         roc = hist = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

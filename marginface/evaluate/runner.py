@@ -25,6 +25,7 @@ from marginface.data.verification import PairSet
 from marginface.errors import UserError
 from marginface.evaluate.metrics import verification_metrics
 from marginface.inference import EmbedOptions, ModelInfo
+from marginface.models.fold import fold_batchnorm, regroup_thin_convs  # shared with export
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,8 +78,6 @@ def _inference_model(model: Model) -> tuple[Model, bool]:
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return model, False
     try:
-        from marginface.deploy.fold import fold_batchnorm, regroup_thin_convs  # shared with export
-
         with torch.no_grad():
             folded = fold_batchnorm(model)
             on_cpu = all(p.device.type == "cpu" for p in folded.parameters())

@@ -42,7 +42,7 @@ from torch import nn
 from marginface.errors import UserError
 from marginface.heads.classifier import HeadOutput
 from marginface.heads.margins.base import Margin
-from marginface.train import distributed as D
+from marginface import parallel as D
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Below this many weight elements the initial weights are drawn from the global torch RNG exactly as

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from marginface.config import Config, from_dict
 from marginface.errors import UserError
 from marginface.inference import ModelInfo, pick_threshold
 from marginface.io.atomic import atomic_save_torch, remove_stale_temps
 from marginface.io.trust import WHY, code_kind
+from marginface.train.setup import build_model
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -71,9 +73,6 @@ def load_backbone(model_path: str, prefer: str = "best"):
     and, for older callers, ``normalize`` (the input normalisation it was trained with), so
     evaluation and deployment preprocess exactly as training did.
     """
-    from marginface.config import Config, from_dict
-    from marginface.train.setup import build_model
-
     path = resolve_checkpoint(model_path, prefer)
     ckpt = load_checkpoint(path)
     cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")

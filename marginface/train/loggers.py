@@ -8,7 +8,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+
+from marginface.evaluate.report import format_table  # noqa: F401  (the trainer's console table; lives with the report)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -88,19 +89,3 @@ class RunLogger:
             self._tb.close()
             self._tb = None
         self._jsonl.close()
-
-
-def format_table(results: dict, columns: Optional[list] = None) -> str:
-    """A plain-text table: one row per verification set, one column per headline metric."""
-    columns = columns or ["accuracy", "accuracy_std", "threshold", "auc", "eer", "tar@1e-3", "pos_mean", "neg_mean", "xnorm", "pairs"]
-    rows = [["set"] + columns]
-    for name, m in results.items():
-        row = [name]
-        for c in columns:
-            v = m.get("tar_at_far", {}).get(c.split("@")[1]) if c.startswith("tar@") else m.get(c)
-            row.append("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -12,8 +12,18 @@ import torch
 from torch import nn
 
 from marginface.config import Config, DataConfig, HeadConfig, ModelConfig, OptimConfig
+from marginface.data.detect import build_detector
+from marginface.data.sources import open_source
+from marginface.data.synthetic import SyntheticSource, synthetic_pair_set
+from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
 from marginface.hardware import has_fast_bf16
+from marginface.heads import build_loss_head, build_margin
+from marginface.heads.center import CenterLoss
+from marginface.heads.margins import MARGINS
+from marginface.heads.partial_fc import PartialFC
+from marginface.models import build_backbone
+from marginface.train.batches import BatchOrder
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -55,8 +65,6 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The backbone; only non-default options are passed so every family accepts the call."""
-    from marginface.models import build_backbone
-
     kw = {}
     if cfg.width_mult != 1.0:
         kw["width_mult"] = cfg.width_mult
@@ -77,13 +85,8 @@ def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, 
     ``head.shard_dtype`` / ``head.compute_dtype`` the classifier is Partial FC (rank ``rank``'s
     shard; see marginface.heads.partial_fc); otherwise the single-process full FC.
     """
-    from marginface.heads import build_loss_head, build_margin
-    from marginface.heads.margins import MARGINS
-
     pfc = (world_size > 1 or cfg.sample_rate < 1.0 or cfg.shard_dtype != "fp32" or cfg.compute_dtype != "fp32")
     if pfc and cfg.margin in MARGINS:
-        from marginface.heads.partial_fc import PartialFC
-
         return PartialFC(embedding_size, num_classes, build_margin(cfg.margin, **cfg.params),
                          sample_rate=cfg.sample_rate, num_subcenters=cfg.num_subcenters,
                          focal_gamma=cfg.focal_gamma, rank=rank, world_size=world_size, seed=seed,
@@ -98,8 +101,6 @@ def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, 
 def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) -> Optional[nn.Module]:
     if cfg.center_weight <= 0:
         return None
-    from marginface.heads.center import CenterLoss
-
     return CenterLoss(num_classes, embedding_size)
 
 
@@ -131,19 +132,13 @@ def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, cent
 def build_train_source(cfg: DataConfig, image_size: int):
     """The training source named by ``data.train``: "synthetic" or a path (RecordIO, folder, list)."""
     if cfg.train == "synthetic":
-        from marginface.data.synthetic import SyntheticSource
-
         s = cfg.synthetic
         return SyntheticSource(s.identities, s.images_per_identity, image_size=image_size, seed=s.seed)
-    from marginface.data.sources import open_source
-
     return open_source(cfg.train)
 
 
 def build_batch_order(cfg: Config, source, *, rank: int = 0, world_size: int = 1):
     """The `BatchOrder` of a run; a batch larger than the training data is one line naming the keys."""
-    from marginface.train.batches import BatchOrder
-
     t = cfg.train
     n = len(source)
     if n < t.batch_size * world_size:
@@ -159,18 +154,12 @@ def build_batch_order(cfg: Config, source, *, rank: int = 0, world_size: int = 1
 
 def build_val_sets(cfg: DataConfig, image_size: int) -> list:
     """The verification pair sets named by ``data.val`` (``synthetic`` = held-out identities)."""
-    from marginface.data.verification import load_pair_set
-
     detector = None
     if cfg.val_align == "detect" and any(spec != "synthetic" for spec in cfg.val):  # no sets, no detector
-        from marginface.data.detect import build_detector
-
         detector = build_detector("mtcnn")
     sets = []
     for spec in cfg.val:
         if spec == "synthetic":
-            from marginface.data.synthetic import synthetic_pair_set
-
             s = cfg.synthetic
             sets.append(synthetic_pair_set(s.val_identities, s.val_images_per_identity, s.val_pairs,
                                            image_size=image_size, seed=s.seed))

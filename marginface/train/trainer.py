@@ -17,8 +17,15 @@ import torch
 
 from marginface import malloc
 from marginface.config import Config, dump_yaml, to_dict
+from marginface.data.dataset import FaceDataset, normalize_batch
 from marginface.errors import UserError
+from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, far_key
+from marginface.evaluate.report import write_report
+from marginface.evaluate.runner import EvaluationStopped, evaluate_pair_set
+from marginface.heads.partial_fc import classifier_memory, describe_memory
 from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from marginface.models import count_parameters
+from marginface.models.layers import set_fast_layers
 from marginface.train import distributed, rundir, setup
 from marginface.train.batches import InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
@@ -71,8 +78,6 @@ def check_best_metric(spec: str, val_sets: list) -> str:
                         f"validation sets (data.val): {names}")
     if metric.startswith("tar@"):
         import numpy as np
-
-        from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, far_key
 
         fars = {far_key(f): f for f in DEFAULT_FAR_TARGETS}
         if metric[4:] not in fars:
@@ -136,8 +141,6 @@ class Trainer:
         self.best_metric = check_best_metric(cfg.eval.best_metric, self.val_sets)  # now, not at the first eval
         self.backbone = setup.build_model(cfg.model).to(self.device)
         if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
-            from marginface.models.layers import set_fast_layers
-
             set_fast_layers(self.backbone, False)
         self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes,
                                            rank=self.dist.rank, world_size=self.dist.world_size,
@@ -187,8 +190,6 @@ class Trainer:
         images = getattr(self.source, "images", None)
         if images is not None:
             return InMemoryBatches(images, self.source.labels, self.order)
-        from marginface.data.dataset import FaceDataset
-
         dataset = FaceDataset(self.source, image_size=self.cfg.model.input_size, flip=False,
                               skip_bad=self.cfg.data.skip_bad_images)
         return LoaderBatches(dataset, self.order, self.cfg.data.num_workers)
@@ -198,16 +199,12 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def model_info(self) -> dict:
-        from marginface.models import count_parameters
-
         m = self.cfg.model
         return {"backbone": m.backbone, "params": count_parameters(self.backbone), "embedding_size": m.embedding_size,
                 "input_size": m.input_size, "width_mult": m.width_mult, "num_classes": self.source.num_classes}
 
     def _classifier_memory_line(self) -> str:
         """The start-up line: the classifier's memory on this rank (weights + grad + optimizer state + logits)."""
-        from marginface.heads.partial_fc import classifier_memory, describe_memory
-
         o = self.cfg.optim
         states = 2 if o.name == "adamw" else (1 if o.momentum > 0 else 0)
         batch = self.cfg.train.batch_size * self.dist.world_size
@@ -312,8 +309,6 @@ class Trainer:
         self._frozen = frozen  # a frozen backbone bypasses DDP (no gradients to reduce)
 
     def _forward_loss(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple:
-        from marginface.data.dataset import normalize_batch
-
         x = normalize_batch(images_u8.to(self.device, non_blocking=True), self.cfg.data.normalize)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -385,8 +380,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        from marginface.evaluate.runner import evaluate_pair_set
-
         was_training = self.backbone.training
         results = {}
         try:
@@ -405,8 +398,6 @@ class Trainer:
 
         A signal during the evaluation stops it within one batch: the run exits (KeyboardInterrupt) with
         checkpoints/last.pt as saved just before the evaluation, which the resumed run evaluates first."""
-        from marginface.evaluate.runner import EvaluationStopped
-
         results = None
         if self.dist.is_main:
             try:
@@ -653,8 +644,6 @@ class Trainer:
         if not self.dist.is_main:
             return report
         atomic_write_json(self.run_dir / "report.json", report)
-        from marginface.evaluate.report import write_report
-
         write_report(self.run_dir, report)  # report.md and the ROC plot beside report.json
         if self.console:
             print("\n" + format_table(self.last_eval), flush=True)

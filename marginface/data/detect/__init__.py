@@ -5,6 +5,7 @@ from typing import Any
 
 from marginface.data.detect.faces import Face
 from marginface.data.detect.mtcnn import MTCNNDetector
+from marginface.data.detect.retinaface import RetinaFaceDetector
 from marginface.errors import UserError
 
 DETECTORS = ("mtcnn", "retinaface")
@@ -20,8 +21,6 @@ def build_detector(name: str = "mtcnn", weights: Any = None, **kw: Any) -> Any:
     if name == "mtcnn":
         return MTCNNDetector(**kw)
     if name == "retinaface":
-        from marginface.data.detect.retinaface import RetinaFaceDetector
-
         return RetinaFaceDetector(**kw)
     raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
 
