@@ -241,3 +241,32 @@ def test_vggface2_layout_aligns_from_landmarks(tmp_path: Path) -> None:
     (root / "bb_landmark" / "loose_landmark_train.csv").write_text("NAME_ID,P1X\nn000002/0001_01,zz\n")
     with pytest.raises(UserError, match=r"loose_landmark_train\.csv:2"):
         VGGFace2Source(root)
+
+
+def test_paddle_folder_is_read_as_its_label_list(capsys) -> None:
+    """arcface_paddle's layout (label.txt beside images/) is a list of 10 identities, not an image
+    folder of one identity called 'images'."""
+    from marginface.data.tools import inspect_path
+
+    root = need("identities/ms1m_sample")
+    source = open_source(root)
+    assert isinstance(source, ListSource) and source.num_classes == 10 and len(source) == 10
+    info = inspect_path(root)
+    assert info["format"] == "list" and info["identities"] == 10 and info["warnings"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_fewer_than_two_identities_warns_once(tmp_path, capsys) -> None:
+    from marginface.data.tools import inspect_path
+
+    for i in range(3):
+        write_image(tmp_path / "only" / "ann" / f"{i}.jpg", blob(i))
+    source = open_source(tmp_path / "only")
+    assert source.num_classes == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "only 1 identity" in err[0]
+    assert "root/<identity>/*.jpg" in err[0]
+    info = inspect_path(tmp_path / "only")
+    assert len(info["warnings"]) == 1 and "at least 2" in info["warnings"][0]
+    open_source(tmp_path / "only", warn=False)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # inspect's line; warn=False adds none

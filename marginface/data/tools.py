@@ -22,6 +22,7 @@ from marginface.data.sources import (
     ListSource,
     open_source,
     parse_list_line,
+    few_identities_warning,
     source_item_name,
 )
 from marginface.data.verification import load_pair_set
@@ -104,7 +105,7 @@ def inspect_path(path: str | Path, max_check: int | None = 100_000) -> dict[str,
             "negative_pairs": None if issame is None else int((~issame).sum()),
             "image_sizes": {_size_key(pair_set.images[0]): int(len(pair_set.images))},
         }
-    source = open_source(path)
+    source = open_source(path)  # a dataset with < 2 identities: one warning line on stderr
     n = len(source)
     check = np.arange(n) if max_check is None or n <= max_check else np.linspace(0, n - 1, max_check).astype(np.int64)
     unreadable: list[str] = []
@@ -124,6 +125,7 @@ def inspect_path(path: str | Path, max_check: int | None = 100_000) -> dict[str,
         "images_per_identity": images_per_identity(source.labels, source.num_classes),
         "image_sizes": dict(sizes.most_common(10)),
         "description": source.describe(),
+        "warnings": [w for w in [few_identities_warning(source)] if w],
     }
 
 
