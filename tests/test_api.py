@@ -161,3 +161,14 @@ def test_identify_folder_against_a_gallery_file(folders, tmp_path):
     result = identify_folder(db, folders / "unknown", model=fe)
     assert {r["file"]: r["identity"] for r in result["rows"] if r["known"]} == \
         {"img4.jpg": "p1", "img15.jpg": "p2", "img9.jpg": "p3"}
+
+
+def test_evaluate_honours_declared_folds_and_explains_single_class_sets():
+    model = need(FOREIGN)
+    mini = need("verification/lfw_mini")
+    results = marginface.evaluate(model, [mini, need("verification/lfw_head20.bin")], normalize="imagenet")
+    lfw = results["lfw_mini"]
+    assert lfw["nfolds"] == 2 and lfw["pairs"] == 20 and lfw["auc"] > 0.9 and "note" not in lfw
+    head = results["lfw_head20"]
+    assert head["nfolds"] == 10 and np.isnan(head["auc"]) and "same-person" in head["note"]
+    assert marginface.evaluate(model, mini, normalize="imagenet", nfolds=5)["lfw_mini"]["nfolds"] == 5

@@ -359,3 +359,17 @@ def test_aligned_crops_in_a_pairs_csv_still_load(tmp_path):
     (tmp_path / "p.csv").write_text("file_x,file_y,same\n0.png,1.png,0\n")
     assert load_pair_set(tmp_path / "p.csv", image_size=64).images.shape == (2, 64, 64, 3)  # 112 crops, 64 model
     assert load_pair_set(tmp_path / "p.csv", image_size=112).images.shape == (2, 112, 112, 3)
+
+
+@needs_verification_data
+def test_lfw_pairs_file_declares_its_folds(tmp_path):
+    """lfw_mini's pairs.txt says '2 5' (2 folds x 5 same + 5 different): evaluation splits its 20
+    pairs into those 2 folds, not 10 folds of 2 pairs."""
+    ps = load_pair_set(LFW_MINI)
+    assert ps.n_folds == 2 and ps.folds_for() == 2 and ps.folds_for(10) == 2
+    assert load_bin(BIN).n_folds is None and load_bin(BIN).folds_for() == 10
+    # a header that declares no folds: one number (View 1)
+    shutil.copytree(LFW_MINI, tmp_path / "mini")
+    lines = (tmp_path / "mini" / "pairs.txt").read_text().splitlines()
+    (tmp_path / "mini" / "pairs.txt").write_text("\n".join(["10"] + lines[1:]) + "\n")  # 10 same + 10 different
+    assert load_pair_set(tmp_path / "mini").n_folds is None

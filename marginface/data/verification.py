@@ -254,8 +254,9 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
 # LFW directory + pairs.txt
 
 
-def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
-    """Parse the official pairs.txt -> (line number, name1, n1, name2, n2) per pair."""
+def _parse_lfw_pairs(pairs_file: Path) -> tuple[list[tuple[int, str, int, str, int]], Optional[int]]:
+    """Parse the official pairs.txt -> ((line number, name1, n1, name2, n2) per pair, the number of
+    folds the header declares: ``nfolds npairs``; None for a one-number View 1 header)."""
     lines = read_text(pairs_file, "pairs file").splitlines()
     numbered = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
@@ -291,7 +292,10 @@ def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
             ) from None
     if len(pairs) != expected:
         raise UserError(f"{pairs_file}: header (line {header_no}) promises {expected} pairs, found {len(pairs)}")
-    return pairs
+    if len(counts) == 2 and counts[0] < 1:
+        raise UserError(f"{pairs_file}: line {header_no}: the header declares {counts[0]} folds; expected 'nfolds npairs' "
+                        f"with nfolds >= 1")
+    return pairs, (counts[0] if len(counts) == 2 else None)
 
 
 def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
@@ -367,7 +371,7 @@ def load_lfw_dir(
     if landmarks is None and (root / "landmarks.txt").is_file():
         landmarks = root / "landmarks.txt"
     prepare = _aligner(root, landmarks, detector, image_size)
-    entries = _parse_lfw_pairs(pairs_path)
+    entries, n_folds = _parse_lfw_pairs(pairs_path)
 
     index_of: dict[Path, int] = {}
     images: list[np.ndarray] = []
@@ -390,6 +394,7 @@ def load_lfw_dir(
         images=_stack_images(images, str(root), labels),
         pairs=pairs,
         issame=issame,
+        n_folds=n_folds,
     )
 
 
