@@ -270,3 +270,21 @@ def test_fewer_than_two_identities_warns_once(tmp_path, capsys) -> None:
     assert len(info["warnings"]) == 1 and "at least 2" in info["warnings"][0]
     open_source(tmp_path / "only", warn=False)
     assert len(capsys.readouterr().err.strip().splitlines()) == 1  # inspect's line; warn=False adds none
+
+
+def test_convert_summary_is_readable(tmp_path) -> None:
+    """`data convert` printed the raw result dict; `format_convert_summary` is the text instead."""
+    from marginface.data.tools import convert, format_convert_summary
+
+    for ident in range(2):
+        for i in range(3):
+            write_image(tmp_path / "f" / f"id{ident}" / f"{i}.jpg", blob(10 * ident + i))
+    (tmp_path / "f" / "id1" / "broken.jpg").write_bytes(b"not a jpeg")
+    info = convert(tmp_path / "f", tmp_path / "pack")
+    text = format_convert_summary(tmp_path / "f", info)
+    first = text.splitlines()[0]
+    assert first == (f"converted {tmp_path / 'f'} -> {tmp_path / 'pack'} (RecordIO pack): 6 images of 2 identities, "
+                     f"6 copied without re-encoding, 1 unreadable skipped")
+    assert "{" not in text and "broken.jpg" in text.splitlines()[1]
+    many = format_convert_summary("x", {**info, "skipped": [f"f{i}.jpg: bad" for i in range(8)]}, max_skipped=5)
+    assert many.splitlines()[-1] == "  ... and 3 more (--json lists them all)"

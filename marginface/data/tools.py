@@ -236,6 +236,30 @@ def convert(src: str | Path, dst: str | Path, image_size: int | None = None, qua
     return source_to_pack(source, dst_path, image_size, quality)
 
 
+_FORMAT_NAMES = {"recordio": "RecordIO pack", "folder": "image folder", "pairs-csv": "pairs CSV + images"}
+
+
+def format_convert_summary(src: str | Path, info: dict[str, Any], max_skipped: int = 5) -> str:
+    """The text `marginface data convert` prints: one line saying what was written, then the
+    skipped images (at most ``max_skipped``, then how many more)."""
+    what = _FORMAT_NAMES.get(info.get("format", ""), str(info.get("format")))
+    parts = [f"{info.get('images', 0)} images"]
+    if info.get("identities") is not None:
+        parts[0] += f" of {info['identities']} identities"
+    if info.get("pairs") is not None:
+        parts.append(f"{info['pairs']} pairs")
+    if info.get("copied_unchanged") is not None:
+        parts.append(f"{info['copied_unchanged']} copied without re-encoding")
+    skipped = list(info.get("skipped") or [])
+    if skipped:
+        parts.append(f"{len(skipped)} unreadable skipped")
+    lines = [f"converted {src} -> {info.get('path')} ({what}): " + ", ".join(parts)]
+    lines += [f"  skipped {item}" for item in skipped[:max_skipped]]
+    if len(skipped) > max_skipped:
+        lines.append(f"  ... and {len(skipped) - max_skipped} more (--json lists them all)")
+    return "\n".join(lines)
+
+
 def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tuple[int, int] = 112) -> dict[str, Any]:
     """Detect and align every image under ``src`` into ``dst`` (same relative paths).
 
