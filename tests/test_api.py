@@ -172,3 +172,12 @@ def test_evaluate_honours_declared_folds_and_explains_single_class_sets():
     head = results["lfw_head20"]
     assert head["nfolds"] == 10 and np.isnan(head["auc"]) and "same-person" in head["note"]
     assert marginface.evaluate(model, mini, normalize="imagenet", nfolds=5)["lfw_mini"]["nfolds"] == 5
+
+
+def test_pyproject_uses_the_spdx_license_form():
+    """The ``license = {text = ...}`` table is deprecated (setuptools refuses it from 2027-02)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] and all((ROOT / f).is_file() for f in project["license-files"])
