@@ -181,3 +181,15 @@ def test_pyproject_uses_the_spdx_license_form():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["license"] == "MIT"
     assert project["license-files"] and all((ROOT / f).is_file() for f in project["license-files"])
+
+
+def test_quickstart_runs_do_not_reuse_the_readme_run():
+    """The README's `marginface train` writes runs/synthetic_mbf; the quickstart's commands must
+    name their own runs (a fresh start refuses a directory holding a run)."""
+    from tests.test_docs import shell_commands
+
+    commands = [argv for _, argv in shell_commands(ROOT / "docs" / "quickstart.md")]
+    used = [a for argv in commands for a in argv if a.startswith("runs/")]
+    assert used and not [a for a in used if a.startswith("runs/synthetic_mbf")], used
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "runs/synthetic_mbf/report.md" in readme and "(docs/performance.md)" in readme
