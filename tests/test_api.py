@@ -193,3 +193,16 @@ def test_quickstart_runs_do_not_reuse_the_readme_run():
     assert used and not [a for a in used if a.startswith("runs/synthetic_mbf")], used
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "runs/synthetic_mbf/report.md" in readme and "(docs/performance.md)" in readme
+
+
+def test_the_example_names_the_people(folders, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import who_is_who
+    finally:
+        sys.path.pop(0)
+    argv = [str(folders / "known"), str(folders / "unknown"), "--model", str(need(FOREIGN)),
+            "--normalize", "imagenet", "--detector-weights", str(need("weights/mtcnn"))]
+    assert who_is_who.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "blank.png,no_face," and any(line.startswith("img4.jpg,p1,") for line in out)
