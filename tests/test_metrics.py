@@ -255,3 +255,14 @@ def test_accuracy_matches_slow_reference(n, nfolds, quantized):
     ref_mean, ref_std = reference_kfold_accuracy(scores, same, nfolds)
     assert m["accuracy"] == pytest.approx(ref_mean, abs=1e-12)
     assert m["accuracy_std"] == pytest.approx(ref_std, abs=1e-12)
+
+
+def test_single_class_sets_explain_their_missing_metrics():
+    from marginface.evaluate.metrics import verification_metrics
+
+    m = verification_metrics([0.9, 0.8, 0.7, 0.95], [True] * 4, nfolds=2)
+    assert np.isnan(m["auc"]) and np.isnan(m["eer"]) and m["tar_at_far"] == {}
+    assert "all 4 pairs are same-person pairs" in m["note"] and "AUC, EER and TAR@FAR" in m["note"]
+    neg = verification_metrics([0.1, 0.2], [False, False], nfolds=1)
+    assert "different-person" in neg["note"]
+    assert "note" not in verification_metrics([0.9, 0.1], [True, False], nfolds=1)  # both classes: no note

@@ -241,3 +241,50 @@ def test_vggface2_layout_aligns_from_landmarks(tmp_path: Path) -> None:
     (root / "bb_landmark" / "loose_landmark_train.csv").write_text("NAME_ID,P1X\nn000002/0001_01,zz\n")
     with pytest.raises(UserError, match=r"loose_landmark_train\.csv:2"):
         VGGFace2Source(root)
+
+
+def test_paddle_folder_is_read_as_its_label_list(capsys) -> None:
+    """arcface_paddle's layout (label.txt beside images/) is a list of 10 identities, not an image
+    folder of one identity called 'images'."""
+    from marginface.data.tools import inspect_path
+
+    root = need("identities/ms1m_sample")
+    source = open_source(root)
+    assert isinstance(source, ListSource) and source.num_classes == 10 and len(source) == 10
+    info = inspect_path(root)
+    assert info["format"] == "list" and info["identities"] == 10 and info["warnings"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_fewer_than_two_identities_warns_once(tmp_path, capsys) -> None:
+    from marginface.data.tools import inspect_path
+
+    for i in range(3):
+        write_image(tmp_path / "only" / "ann" / f"{i}.jpg", blob(i))
+    source = open_source(tmp_path / "only")
+    assert source.num_classes == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "only 1 identity" in err[0]
+    assert "root/<identity>/*.jpg" in err[0]
+    info = inspect_path(tmp_path / "only")
+    assert len(info["warnings"]) == 1 and "at least 2" in info["warnings"][0]
+    open_source(tmp_path / "only", warn=False)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # inspect's line; warn=False adds none
+
+
+def test_convert_summary_is_readable(tmp_path) -> None:
+    """`data convert` printed the raw result dict; `format_convert_summary` is the text instead."""
+    from marginface.data.tools import convert, format_convert_summary
+
+    for ident in range(2):
+        for i in range(3):
+            write_image(tmp_path / "f" / f"id{ident}" / f"{i}.jpg", blob(10 * ident + i))
+    (tmp_path / "f" / "id1" / "broken.jpg").write_bytes(b"not a jpeg")
+    info = convert(tmp_path / "f", tmp_path / "pack")
+    text = format_convert_summary(tmp_path / "f", info)
+    first = text.splitlines()[0]
+    assert first == (f"converted {tmp_path / 'f'} -> {tmp_path / 'pack'} (RecordIO pack): 6 images of 2 identities, "
+                     f"6 copied without re-encoding, 1 unreadable skipped")
+    assert "{" not in text and "broken.jpg" in text.splitlines()[1]
+    many = format_convert_summary("x", {**info, "skipped": [f"f{i}.jpg: bad" for i in range(8)]}, max_skipped=5)
+    assert many.splitlines()[-1] == "  ... and 3 more (--json lists them all)"

@@ -22,8 +22,9 @@ from marginface.data.verification import (
     read_pair_list_csv,
 )
 from marginface.errors import UserError
+from tests.shared_data import need, shared_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data()  # $MARGINFACE_SHARED_DATA, else ../shared/data beside the checkout
 VERIFICATION = DATA / "verification"
 BIN = VERIFICATION / "lfw_head20.bin"
 LFW_MINI = VERIFICATION / "lfw_mini"
@@ -320,3 +321,55 @@ def test_pairset_validation():
         PairSet("bad", images, [[0, 3]], [True])
     with pytest.raises(ValueError, match="2 pairs but 1 labels"):
         PairSet("bad", images, [[0, 1], [1, 2]], [True])
+
+
+def test_eval_refuses_unaligned_photos_in_a_pairs_csv(capsys):
+    """The deepface photos are whole unaligned photos: evaluating them as crops squashed each to
+    112x112 (AUC 0.567, silently). Now one line names the photo and the command that aligns."""
+    csv_path = need("photos/deepface/pairs.csv")
+    with pytest.raises(UserError) as err:
+        load_pair_set(csv_path, image_size=112)
+    message = str(err.value)
+    assert "\n" not in message and "img" in message and "not an aligned 112x112 face crop" in message
+    assert "marginface verify --pairs" in message
+    from marginface.cli import main
+
+    model = need("weights/mobilefacenet_onnx/MobileFaceNet.onnx")
+    assert main(["eval", "--model", str(model), "--normalize", "imagenet", "--sets", str(csv_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "verify --pairs" in err[0]
+    # the escape hatch keeps the old behaviour for callers who mean it
+    squashed = load_pairs_csv(csv_path, image_size=112, allow_unaligned=True)
+    assert squashed.images.shape[1:] == (112, 112, 3)
+
+
+def test_pairs_csv_photos_are_aligned_by_a_detector(tmp_path):
+    from marginface.data.detect import MTCNNDetector
+
+    photos = need("photos/deepface")
+    (tmp_path / "p.csv").write_text(f"file_x,file_y,Decision\n{photos}/img1.jpg,{photos}/img2.jpg,Yes\n"
+                                    f"{photos}/img1.jpg,{photos}/img3.jpg,No\n")
+    ps = load_pair_set(tmp_path / "p.csv", image_size=112, detector=MTCNNDetector(need("weights/mtcnn")))
+    assert ps.images.shape == (3, 112, 112, 3) and ps.issame.tolist() == [True, False]
+
+
+def test_aligned_crops_in_a_pairs_csv_still_load(tmp_path):
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((112, 112, 3), 50 * i, np.uint8))
+    (tmp_path / "p.csv").write_text("file_x,file_y,same\n0.png,1.png,0\n")
+    assert load_pair_set(tmp_path / "p.csv", image_size=64).images.shape == (2, 64, 64, 3)  # 112 crops, 64 model
+    assert load_pair_set(tmp_path / "p.csv", image_size=112).images.shape == (2, 112, 112, 3)
+
+
+@needs_verification_data
+def test_lfw_pairs_file_declares_its_folds(tmp_path):
+    """lfw_mini's pairs.txt says '2 5' (2 folds x 5 same + 5 different): evaluation splits its 20
+    pairs into those 2 folds, not 10 folds of 2 pairs."""
+    ps = load_pair_set(LFW_MINI)
+    assert ps.n_folds == 2 and ps.folds_for() == 2 and ps.folds_for(10) == 2
+    assert load_bin(BIN).n_folds is None and load_bin(BIN).folds_for() == 10
+    # a header that declares no folds: one number (View 1)
+    shutil.copytree(LFW_MINI, tmp_path / "mini")
+    lines = (tmp_path / "mini" / "pairs.txt").read_text().splitlines()
+    (tmp_path / "mini" / "pairs.txt").write_text("\n".join(["10"] + lines[1:]) + "\n")  # 10 same + 10 different
+    assert load_pair_set(tmp_path / "mini").n_folds is None

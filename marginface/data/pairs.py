@@ -21,13 +21,16 @@ class PairSet:
 
     ``images``: ``N×H×W×3`` uint8 RGB, each distinct image once; ``pairs``: ``K×2`` int64 indices
     into ``images``; ``issame``: ``K`` bool, or ``None`` for an unlabelled set (it can be scored
-    but not evaluated).
+    but not evaluated); ``n_folds``: the k-fold split the file declares (LFW ``pairs.txt``
+    header ``n_folds n_pairs``), which evaluation uses instead of its default 10; None when the
+    file declares none.
     """
 
     name: str
     images: np.ndarray
     pairs: np.ndarray
     issame: Optional[np.ndarray]
+    n_folds: Optional[int] = None
 
     def __post_init__(self) -> None:
         images = np.asarray(self.images)
@@ -51,6 +54,16 @@ class PairSet:
             if issame.dtype != np.bool_ and not np.isin(issame, (0, 1)).all():
                 raise ValueError(f"pair set {self.name!r}: issame must be booleans or 0/1")
             self.issame = issame.astype(bool, copy=False)
+        if self.n_folds is not None:
+            folds = int(self.n_folds)
+            if folds < 1 or (len(pairs) and folds > len(pairs)):
+                raise ValueError(f"pair set {self.name!r}: {folds} folds for {len(pairs)} pairs")
+            self.n_folds = folds
+
+    def folds_for(self, default: int = 10) -> int:
+        """The number of folds to evaluate with: the declared ``n_folds``, else ``default``, never
+        more than there are pairs."""
+        return max(1, min(self.n_folds or default, len(self)))
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -12,6 +12,7 @@ Every source follows one protocol, which the trainer and ``FaceDataset`` code ag
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -294,8 +295,35 @@ def split_by_identity(source: Any, val_fraction: float, seed: int = 0) -> tuple[
     )
 
 
-def open_source(spec: str | Path, **kw: Any) -> Any:
-    """The source ``spec`` points at: ``synthetic``, a RecordIO pack, a list file, VGGFace2, a folder."""
+def is_paddle_layout(path: Path) -> bool:
+    """arcface_paddle's training folder: ``label.txt`` (``images/x.jpg<TAB>label``) beside ``images/``."""
+    return (path / "label.txt").is_file() and (path / "images").is_dir()
+
+
+def few_identities_warning(source: Any) -> str | None:
+    """The one-line warning for a dataset with fewer than 2 identities (nothing to tell apart), or None."""
+    n = int(source.num_classes)
+    if n >= 2:
+        return None
+    hint = ""
+    if isinstance(source, FolderSource):
+        hint = (" (an image folder needs one sub-folder per identity: root/<identity>/*.jpg; a folder with "
+                "a list file is read as a list when it is label.txt beside images/, else pass the .txt itself)")
+    return f"{source.describe()}: only {n} identit{'y' if n == 1 else 'ies'}; training and pair sampling need at least 2{hint}"
+
+
+def open_source(spec: str | Path, *, warn: bool = True, **kw: Any) -> Any:
+    """The source ``spec`` points at: ``synthetic``, a RecordIO pack, a list file, VGGFace2, an
+    arcface_paddle folder (``label.txt`` + ``images/``), an image folder. A dataset with fewer than
+    2 identities is opened, with one ``warning:`` line on stderr (``warn=False``: none)."""
+    source = _open_source(spec, **kw)
+    message = few_identities_warning(source) if warn else None
+    if message:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    return source
+
+
+def _open_source(spec: str | Path, **kw: Any) -> Any:
     if str(spec) == "synthetic":
         return SyntheticSource(**kw)
     path = Path(spec)
@@ -304,6 +332,8 @@ def open_source(spec: str | Path, **kw: Any) -> Any:
             return RecordIOSource(path / "train.rec", path / "train.idx", **kw)
         if (path / "train_list.txt").is_file():
             return VGGFace2Source(path, **kw)
+        if is_paddle_layout(path):
+            return ListSource(path / "label.txt", **kw)
         return FolderSource(path, **kw)
     if path.is_file():
         if path.suffix == ".rec":

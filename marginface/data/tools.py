@@ -22,6 +22,7 @@ from marginface.data.sources import (
     ListSource,
     open_source,
     parse_list_line,
+    few_identities_warning,
     source_item_name,
 )
 from marginface.data.verification import load_pair_set
@@ -104,7 +105,7 @@ def inspect_path(path: str | Path, max_check: int | None = 100_000) -> dict[str,
             "negative_pairs": None if issame is None else int((~issame).sum()),
             "image_sizes": {_size_key(pair_set.images[0]): int(len(pair_set.images))},
         }
-    source = open_source(path)
+    source = open_source(path)  # a dataset with < 2 identities: one warning line on stderr
     n = len(source)
     check = np.arange(n) if max_check is None or n <= max_check else np.linspace(0, n - 1, max_check).astype(np.int64)
     unreadable: list[str] = []
@@ -124,6 +125,7 @@ def inspect_path(path: str | Path, max_check: int | None = 100_000) -> dict[str,
         "images_per_identity": images_per_identity(source.labels, source.num_classes),
         "image_sizes": dict(sizes.most_common(10)),
         "description": source.describe(),
+        "warnings": [w for w in [few_identities_warning(source)] if w],
     }
 
 
@@ -232,6 +234,30 @@ def convert(src: str | Path, dst: str | Path, image_size: int | None = None, qua
     if type(source).__name__ == "RecordIOSource":
         return pack_to_folder(source, dst_path)
     return source_to_pack(source, dst_path, image_size, quality)
+
+
+_FORMAT_NAMES = {"recordio": "RecordIO pack", "folder": "image folder", "pairs-csv": "pairs CSV + images"}
+
+
+def format_convert_summary(src: str | Path, info: dict[str, Any], max_skipped: int = 5) -> str:
+    """The text `marginface data convert` prints: one line saying what was written, then the
+    skipped images (at most ``max_skipped``, then how many more)."""
+    what = _FORMAT_NAMES.get(info.get("format", ""), str(info.get("format")))
+    parts = [f"{info.get('images', 0)} images"]
+    if info.get("identities") is not None:
+        parts[0] += f" of {info['identities']} identities"
+    if info.get("pairs") is not None:
+        parts.append(f"{info['pairs']} pairs")
+    if info.get("copied_unchanged") is not None:
+        parts.append(f"{info['copied_unchanged']} copied without re-encoding")
+    skipped = list(info.get("skipped") or [])
+    if skipped:
+        parts.append(f"{len(skipped)} unreadable skipped")
+    lines = [f"converted {src} -> {info.get('path')} ({what}): " + ", ".join(parts)]
+    lines += [f"  skipped {item}" for item in skipped[:max_skipped]]
+    if len(skipped) > max_skipped:
+        lines.append(f"  ... and {len(skipped) - max_skipped} more (--json lists them all)")
+    return "\n".join(lines)
 
 
 def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tuple[int, int] = 112) -> dict[str, Any]:

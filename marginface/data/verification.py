@@ -254,8 +254,9 @@ def load_bin(path: Union[str, Path], image_size: Optional[ImageSize] = None, nam
 # LFW directory + pairs.txt
 
 
-def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
-    """Parse the official pairs.txt -> (line number, name1, n1, name2, n2) per pair."""
+def _parse_lfw_pairs(pairs_file: Path) -> tuple[list[tuple[int, str, int, str, int]], Optional[int]]:
+    """Parse the official pairs.txt -> ((line number, name1, n1, name2, n2) per pair, the number of
+    folds the header declares: ``nfolds npairs``; None for a one-number View 1 header)."""
     lines = read_text(pairs_file, "pairs file").splitlines()
     numbered = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
@@ -291,7 +292,10 @@ def _parse_lfw_pairs(pairs_file: Path) -> list[tuple[int, str, int, str, int]]:
             ) from None
     if len(pairs) != expected:
         raise UserError(f"{pairs_file}: header (line {header_no}) promises {expected} pairs, found {len(pairs)}")
-    return pairs
+    if len(counts) == 2 and counts[0] < 1:
+        raise UserError(f"{pairs_file}: line {header_no}: the header declares {counts[0]} folds; expected 'nfolds npairs' "
+                        f"with nfolds >= 1")
+    return pairs, (counts[0] if len(counts) == 2 else None)
 
 
 def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
@@ -367,7 +371,7 @@ def load_lfw_dir(
     if landmarks is None and (root / "landmarks.txt").is_file():
         landmarks = root / "landmarks.txt"
     prepare = _aligner(root, landmarks, detector, image_size)
-    entries = _parse_lfw_pairs(pairs_path)
+    entries, n_folds = _parse_lfw_pairs(pairs_path)
 
     index_of: dict[Path, int] = {}
     images: list[np.ndarray] = []
@@ -390,6 +394,7 @@ def load_lfw_dir(
         images=_stack_images(images, str(root), labels),
         pairs=pairs,
         issame=issame,
+        n_folds=n_folds,
     )
 
 
@@ -436,11 +441,29 @@ def read_pair_list_csv(path: Union[str, Path], name: Optional[str] = None) -> Pa
     return PairList(name=name or path.stem, paths_a=paths_a, paths_b=paths_b, issame=issame)
 
 
+ALIGNED_CROP_SIZES = ((112, 112), (112, 96))  # (h, w) of the ArcFace and SphereFace aligned crops
+
+
+def looks_aligned(image: np.ndarray, image_size: Optional[ImageSize]) -> bool:
+    """Whether an image is already an aligned face crop: the model's input size, or one of the
+    field's aligned crop sizes (`ALIGNED_CROP_SIZES`). A photo of any other size must be detected
+    and aligned first; resizing it whole gives meaningless scores."""
+    shape = tuple(image.shape[:2])
+    return shape in ALIGNED_CROP_SIZES or (image_size is not None and shape == _hw(image_size))
+
+
 def load_pairs_csv(
-    path: Union[str, Path], image_size: Optional[ImageSize] = None, name: Optional[str] = None
+    path: Union[str, Path], image_size: Optional[ImageSize] = None, name: Optional[str] = None, *,
+    detector=None, allow_unaligned: bool = False,
 ) -> PairSet:
     """Read a pairs CSV and its (aligned) images into a `PairSet`; unlabelled CSVs give
-    ``issame=None``. For unaligned photos use `read_pair_list_csv` and the deploy pipeline."""
+    ``issame=None``.
+
+    With ``image_size`` (evaluation) every image must look like an aligned face crop
+    (`looks_aligned`): a photo of another size is detected and aligned by ``detector`` when one is
+    given, else refused with one line naming it (``marginface verify --pairs`` aligns photos);
+    ``allow_unaligned=True`` resizes such photos whole instead. For unaligned photos the deploy
+    pipeline (`read_pair_list_csv` + `FaceEmbedder`) is the usual path."""
     pair_list = read_pair_list_csv(path, name)
     index_of: dict[Path, int] = {}
     images: list[np.ndarray] = []
@@ -453,7 +476,10 @@ def load_pairs_csv(
                 if not file.is_file():
                     raise UserError(f"{path}: pair {k + 1}: image {file} does not exist")
                 index_of[key] = len(images)
-                images.append(resize_image(read_image(file), image_size))
+                image = read_image(file)
+                if image_size is not None and not allow_unaligned and not looks_aligned(image, image_size):
+                    image = _align_photo(image, file, path, image_size, detector)
+                images.append(resize_image(image, image_size))
                 labels.append(str(file))
             pairs[k, j] = index_of[key]
     return PairSet(
@@ -462,6 +488,21 @@ def load_pairs_csv(
         pairs=pairs,
         issame=pair_list.issame,
     )
+
+
+def _align_photo(image: np.ndarray, file: Path, csv_path, image_size: ImageSize, detector) -> np.ndarray:
+    """The largest face of a photo aligned to ``image_size`` by ``detector``; without one, the
+    refusal that names the photo and the command that aligns."""
+    h, w = _hw(image_size)
+    if detector is None:
+        raise UserError(
+            f"{file}: a {image.shape[1]}x{image.shape[0]} photo, not an aligned {w}x{h} face crop; evaluating it would "
+            f"squash the whole photo. Use `marginface verify --pairs {csv_path} --model M` (detects and aligns "
+            f"each face) or align the images first (`marginface data align`)")
+    faces = detector.detect(image)
+    if not faces:
+        raise UserError(f"{file}: no face found to align")
+    return align_face(image, faces[0].landmarks, (h, w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +529,7 @@ def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None
     if suffix == ".bin":
         return load_bin(path, image_size)
     if suffix == ".csv":
-        return load_pairs_csv(path, image_size)
+        return load_pairs_csv(path, image_size, detector=detector)
     if suffix == ".txt":
         return load_lfw_dir(path.parent, pairs_file=path, image_size=image_size)
     raise UserError(f"{path}: unknown pair-set format (expected .bin, .csv, pairs .txt or an LFW directory)")

@@ -4,6 +4,8 @@
     fe = FaceEmbedder("runs/x", detector_weights="~/.cache/marginface/mtcnn")
     a, b = fe.embed("a.jpg"), fe.embed("b.jpg")       # unit vectors of the largest face
     same = float(a @ b) > fe.threshold
+    for face in fe.faces("group.jpg"):                  # every face: box, landmarks, score, embedding
+        print(face.index, face.box, face.score)
 
 The model is anything `marginface.deploy.load.load_model` reads (run dir, checkpoint, our
 ONNX/TorchScript export, a foreign insightface-style ONNX with ``normalize=``). Embeddings are
@@ -57,6 +59,36 @@ class DetectedFace:
     @property
     def area(self) -> float:
         return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """One face of a photo, embedded: ``index`` (0 = the largest; faces are sorted by box area),
+    ``box`` (x1, y1, x2, y2) and ``landmarks`` (5x2: eyes, nose, mouth corners) in original-image
+    pixels, the detector's ``score``, and the unit ``embedding``."""
+
+    index: int
+    box: tuple[float, float, float, float]
+    landmarks: np.ndarray
+    score: float
+    embedding: np.ndarray
+    padded: bool = False
+
+    def to_dict(self, *, embedding: bool = False) -> dict:
+        """JSON-ready: ``{"face", "box", "landmarks", "score"}`` (+ ``"embedding"`` as a list)."""
+        out = {"face": self.index, "box": [round(float(v), 2) for v in self.box],
+               "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in np.asarray(self.landmarks)],
+               "score": float(self.score)}
+        if embedding:
+            out["embedding"] = [float(v) for v in self.embedding]
+        return out
+
+
+def face_info(index: int, face: DetectedFace, count: int) -> dict:
+    """Which face of a photo a result used: ``{"face", "box", "score", "faces"}`` (``faces``: how
+    many the photo holds; ``face`` indexes them largest first)."""
+    return {"face": int(index), "box": [round(float(v), 2) for v in face.box], "score": float(face.score),
+            "faces": int(count)}
 
 
 read_rgb = read_image  # the old name; `marginface.data.images` is the one image reader
@@ -166,6 +198,33 @@ class FaceEmbedder:
             label = str(image) if isinstance(image, (str, Path)) else (name or "image")
             raise UserError(f"{label}: no face found")
         return faces[0]
+
+    def pick_face(self, image: ImageLike, face: Union[str, int] = "largest",
+                  name: Optional[str] = None) -> tuple[int, DetectedFace, int]:
+        """``(index, face, number of faces)`` of one face of a photo: ``face="largest"`` (index 0)
+        or an index into the faces sorted largest first. A missing face is a `UserError`."""
+        faces = self.detect(image, name)
+        label = str(image) if isinstance(image, (str, Path)) else (name or "image")
+        if not faces:
+            raise UserError(f"{label}: no face found")
+        if face == "largest":
+            index = 0
+        elif isinstance(face, (int, np.integer)) and not isinstance(face, bool):
+            index = int(face)
+            if not 0 <= index < len(faces):
+                raise UserError(f"{label}: face {index} asked for, but the photo has {len(faces)} face(s) "
+                                f"(0..{len(faces) - 1}, largest first)")
+        else:
+            raise UserError(f"face must be 'largest' or a face index (0 = largest), got {face!r}")
+        return index, faces[index], len(faces)
+
+    def faces(self, image: ImageLike, name: Optional[str] = None) -> list[FaceResult]:
+        """Every face of a photo, largest first, each embedded (one batch): [] when there is none."""
+        found = self.detect(image, name)
+        if not found:
+            return []
+        unit = self.embed_crops(np.stack([f.crop for f in found]))
+        return [FaceResult(k, f.box, f.landmarks, f.score, unit[k], f.padded) for k, f in enumerate(found)]
 
     # ------------------------------------------------------------------ embedding
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from marginface.data.sources import list_image_files
 from marginface.deploy.gallery_store import (  # noqa: F401
     FAISS_AUTO_MIN, FORMAT, PROBE_MIN_COSINE, Gallery, GalleryStore, _faiss, check_probe, is_sqlite_path, top_k_cosine,
 )
+from marginface.deploy.embedder import FaceEmbedder, face_info
 from marginface.errors import UserError
 from marginface.inference import ModelInfo
 
@@ -198,3 +199,96 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
         return {"identities": len(identities), "images": len(names), "added": added, "already_enrolled": already,
                 "replace": replace, "skipped": skipped, "empty_identities": empty, "db": str(db),
                 "dim": store.dim, "model_fingerprint": store.model_fingerprint, "gallery_identities": len(store)}
+
+
+# ---------------------------------------------------------------------------------------------- deciding
+UNKNOWN = "unknown"  # what text output prints for a face below the threshold (``identity`` is None)
+
+
+def decide(matches: list[dict], threshold: float) -> dict:
+    """Apply the verification threshold to a search's matches (best first):
+    ``{"identity": best name or None, "known": bool, "similarity": best or None, "threshold",
+    "matches": [... each with "known"]}``. A best match at or below ``threshold`` is unknown."""
+    rows = [{**m, "known": bool(m["similarity"] > threshold)} for m in matches]
+    best = rows[0] if rows else None
+    known = bool(best and best["known"])
+    return {"identity": best["identity"] if known else None, "known": known,
+            "similarity": None if best is None else float(best["similarity"]), "threshold": float(threshold),
+            "matches": rows}
+
+
+def search_face(embedder, gallery, image, *, top_k: int = 5, threshold: Optional[float] = None,
+                index: str = "auto", face: Union[str, int] = "largest") -> dict:
+    """Who is the face in ``image``? `decide` of the gallery's ``top_k`` matches for one face of the
+    photo (the largest, or ``face`` = index), plus ``face`` (`face_info`: which face was used) and
+    ``threshold_source``. ``threshold``: default the embedder's (the model's, else the default)."""
+    picked = embedder.pick_face(image, face)
+    query = embedder.embed_crops(picked[1].crop[None])[0]
+    result = decide(gallery.matches(query, top_k, index=index),
+                    embedder.threshold if threshold is None else float(threshold))
+    result["threshold_source"] = embedder.threshold_source if threshold is None else "given"
+    result["face"] = face_info(*picked)
+    return result
+
+
+def identify_folder(known: Union[str, Path, Gallery, GalleryStore], unknown_dir: Union[str, Path], *, model,
+                    threshold: Optional[float] = None, top_k: int = 1, recursive: bool = False,
+                    **options) -> dict:
+    """Name the people in a folder of photos (``face_recognition known/ unknown/``).
+
+    ``known``: a folder of identity sub-folders (``known/<name>/*.jpg``, enrolled in memory; images
+    without a face are skipped and listed) or a gallery (a file for `open_gallery`, or an open one).
+    ``model``: a `FaceEmbedder` or a model path (``options``: ``normalize``, ``detector_weights``,
+    ``flip``, ``trust_code``). Returns ``{"rows": [...], "threshold", "threshold_source", "known",
+    "unknown_dir", "identities", "skipped"}`` with one row per photo of ``unknown_dir`` (sorted):
+    ``{"file", "identity" (None below the threshold), "known", "similarity", "face", "matches"}``;
+    a photo without a face gets ``identity`` None, ``known`` False and ``error``.
+    """
+    embedder = model if isinstance(model, FaceEmbedder) else FaceEmbedder(model, **options)
+    unknown_dir = Path(unknown_dir)
+    if not unknown_dir.is_dir():
+        raise UserError(f"{unknown_dir}: not a directory (expected the photos to identify)")
+    photos = list_image_files(unknown_dir, recursive=recursive)
+    if not photos:
+        raise UserError(f"{unknown_dir}: no images found")
+    skipped: list[dict] = []
+    if isinstance(known, (str, Path)) and Path(known).is_dir():
+        gallery, report = enroll(embedder, known, skip_no_face=True)  # enrolled here, by this model
+        skipped, where = report["skipped"], str(known)
+    else:
+        gallery, where = (known, "gallery") if isinstance(known, (Gallery, GalleryStore)) else \
+            (open_gallery(known), str(known))
+        gallery.check_model(*embedder.fingerprint(), where=where)  # enrolled elsewhere: the same model?
+    rows = []
+    for photo in photos:
+        try:
+            found = search_face(embedder, gallery, photo, top_k=top_k, threshold=threshold)
+        except UserError as exc:
+            if "no face" not in str(exc):
+                raise
+            rows.append({"file": _relative(photo, unknown_dir), "identity": None, "known": False,
+                         "similarity": None, "face": None, "matches": [], "error": "no face found"})
+            continue
+        rows.append({"file": _relative(photo, unknown_dir), "identity": found["identity"], "known": found["known"],
+                     "similarity": found["similarity"], "face": found["face"], "matches": found["matches"]})
+    return {"rows": rows, "threshold": embedder.threshold if threshold is None else float(threshold),
+            "threshold_source": embedder.threshold_source if threshold is None else "given",
+            "known": where, "unknown_dir": str(unknown_dir), "identities": len(gallery), "skipped": skipped}
+
+
+def format_identify_rows(result: dict) -> str:
+    """Text output of `identify_folder`: ``file,identity,similarity`` lines (``unknown`` below the
+    threshold, ``no_face`` for a photo without one), the `face_recognition` CLI's shape."""
+    lines = []
+    for row in result["rows"]:
+        name = row["identity"] if row["known"] else ("no_face" if row.get("error") else UNKNOWN)
+        sim = "" if row["similarity"] is None else f"{row['similarity']:.4f}"
+        lines.append(f"{row['file']},{name},{sim}")
+    return "\n".join(lines)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

@@ -8,16 +8,28 @@ from typing import Union
 import numpy as np
 
 from marginface.data.verification import read_pair_list_csv
+from marginface.deploy.embedder import face_info
 from marginface.errors import UserError
 from marginface.evaluate.metrics import verification_metrics
 
 
-def verify_images(embedder, a: Union[str, Path], b: Union[str, Path]) -> dict:
-    """``{"similarity", "same", "threshold", "threshold_source"}`` for the largest face of each image."""
-    ea, eb = embedder.embed_many([a, b])
+def verify_images(embedder, a: Union[str, Path, np.ndarray], b: Union[str, Path, np.ndarray], *,
+                  face_a: Union[str, int] = "largest", face_b: Union[str, int] = "largest") -> dict:
+    """``{"similarity", "same", "threshold", "threshold_source", "a", "b", "face_a", "face_b"}``.
+
+    Each image's face is the largest one unless ``face_a`` / ``face_b`` give an index (0 =
+    largest); ``face_a`` / ``face_b`` in the result say which face was used (`face_info`: index,
+    box, detector score, number of faces in the photo)."""
+    picked = [embedder.pick_face(image, which, name) for image, which, name in ((a, face_a, "a"), (b, face_b, "b"))]
+    ea, eb = embedder.embed_crops(np.stack([face.crop for _, face, _ in picked]))
     sim = float(np.dot(ea, eb))
     return {"similarity": sim, "same": bool(sim > embedder.threshold), "threshold": embedder.threshold,
-            "threshold_source": embedder.threshold_source, "a": str(a), "b": str(b)}
+            "threshold_source": embedder.threshold_source, "a": _label(a, "a"), "b": _label(b, "b"),
+            "face_a": face_info(*picked[0]), "face_b": face_info(*picked[1])}
+
+
+def _label(image, default: str) -> str:
+    return str(image) if isinstance(image, (str, Path)) else default
 
 
 def verify_pair_list(embedder, csv_path: Union[str, Path], *, nfolds: int = 10) -> dict:

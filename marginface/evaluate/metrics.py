@@ -191,8 +191,9 @@ def verification_metrics(
     ``threshold`` (cosine) / ``threshold_distance`` (squared distance) of the best grid threshold
     on the whole set, ``accuracy_same`` / ``accuracy_diff`` at that threshold, ``auc``, ``eer``,
     ``tar_at_far`` (keys like ``"1e-3"``), ``pos_mean``, ``neg_mean``, ``pairs``, ``nfolds``.
-    With only one class present ``auc``/``eer`` are NaN, ``tar_at_far`` is empty and the
-    mean/accuracy of the missing class is NaN. All values are plain Python numbers.
+    With only one class present ``auc``/``eer`` are NaN (null in JSON), ``tar_at_far`` is empty,
+    the mean/accuracy of the missing class is NaN, and ``note`` (only then) says why in one
+    sentence (`single_class_note`). All values are plain Python numbers.
     """
     s, y = _check_inputs(scores, issame)
     dist = 2.0 - 2.0 * s
@@ -208,7 +209,7 @@ def verification_metrics(
         tars = tar_at_far(s, y, far_targets)
     else:
         auc, eer, tars = float("nan"), float("nan"), {}
-    return {
+    result = {
         "accuracy": float(fold_acc.mean()),
         "accuracy_std": float(fold_acc.std()),
         "threshold": 1.0 - t / 2.0,
@@ -223,3 +224,14 @@ def verification_metrics(
         "pairs": int(s.size),
         "nfolds": int(nfolds),
     }
+    if not both_classes:
+        result["note"] = single_class_note(y)
+    return result
+
+
+def single_class_note(issame) -> str:
+    """Why AUC, EER and TAR@FAR are missing for a set holding one kind of pair only."""
+    y = np.asarray(issame, dtype=bool)
+    kind, other = ("same-person", "different-person") if y.all() else ("different-person", "same-person")
+    return (f"all {y.size} pairs are {kind} pairs: AUC, EER and TAR@FAR need {other} pairs too, so they are "
+            f"not computed (NaN/null); accuracy only measures how many {kind} pairs pass the threshold")

@@ -55,12 +55,13 @@ SUITE_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of `evaluate_suite`
 def evaluate_pair_set_both(model, pair_set, *, options: Optional[EmbedOptions] = None, flip: Optional[bool] = None,
                            batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
                            normalize: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None,
-                           nfolds: int = 10) -> tuple[dict, tuple]:
+                           nfolds: Optional[int] = None) -> tuple[dict, tuple]:
     """Metrics with flip-sum (top level) and without (``noflip``) from one embedding pass.
 
     Returns ``(metrics, (flip scores, issame))``. With ``flip=False`` there is one result, the plain
     one, at the top level and ``"flip": false``. ``options`` (`EmbedOptions`, batch 128 by
-    default); the loose keywords override it.
+    default); the loose keywords override it. ``nfolds``: default the folds the set's file
+    declares (`PairSet.folds_for`), else 10.
     """
     if pair_set.issame is None:
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
@@ -68,6 +69,7 @@ def evaluate_pair_set_both(model, pair_set, *, options: Optional[EmbedOptions] =
         raise UserError(f"pair set {pair_set.name!r} has no pairs")
     options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
+    nfolds = pair_set.folds_for() if nfolds is None else nfolds
     plain, mirrored = embed_views(model, pair_set.images, options=options)
     noflip, noflip_scores = _views_metrics([plain], pair_set.pairs, pair_set.issame, nfolds)
     if mirrored is None:
@@ -100,7 +102,7 @@ def evaluate_suite(
     device: Optional[Union[str, torch.device]] = None,
     normalize: Optional[str] = None,
     amp_dtype: Optional[torch.dtype] = None,
-    nfolds: int = 10,
+    nfolds: Optional[int] = None,
     detector_score: bool = True,
     log: Optional[Callable[[str], None]] = None,
 ) -> tuple[dict, Curves, dict]:
@@ -276,7 +278,8 @@ def format_results_table(results: Mapping) -> str:
     """Plain-text table (set x metric) for the console."""
     flat = {name: {**headline(m), "tar_at_far": m.get("tar_at_far", {})} for name, m in results.items()}
     columns = [c for c in _columns(results) if c != "threshold_distance"]
-    return format_table(flat, columns)
+    notes = [f"note: {name}: {m['note']}" for name, m in results.items() if isinstance(m, Mapping) and m.get("note")]
+    return "\n".join([format_table(flat, columns)] + notes)
 
 
 _MD_NAMES = {

@@ -212,14 +212,15 @@ def evaluate_pair_set(
     batch_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     normalize: Optional[str] = None,
-    nfolds: int = 10,
+    nfolds: Optional[int] = None,
     amp_dtype: Optional[torch.dtype] = None,
     stop: Optional[Callable[[], bool]] = None,
 ) -> dict:
     """`verification_metrics` of a labelled pair set plus ``xnorm`` and ``name``.
 
-    ``nfolds`` is lowered to the number of pairs when there are fewer pairs than folds (each fold
-    then holds one pair); the value used is reported as ``nfolds``. ``stop``: see `embed_views`.
+    ``nfolds`` (default: the folds the set's file declares, else 10) is lowered to the number of
+    pairs when there are fewer pairs than folds (each fold then holds one pair); the value used is
+    reported as ``nfolds``. ``stop``: see `embed_views`.
     """
     if pair_set.issame is None:
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
@@ -229,6 +230,7 @@ def evaluate_pair_set(
         model, pair_set, options=options, flip=flip, batch_size=batch_size, device=device,
         normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
+    nfolds = pair_set.folds_for() if nfolds is None else nfolds
     metrics = verification_metrics(scores, pair_set.issame, nfolds=min(nfolds, len(pair_set)))
     metrics["xnorm"] = xnorm
     metrics["name"] = pair_set.name
