@@ -52,14 +52,12 @@ def test_import_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
-def test_evaluate_is_the_function_and_the_subpackage():
-    import marginface.evaluate.metrics as metrics  # binds the subpackage on the package
+def test_evaluate_model_is_the_function_and_evaluate_stays_the_subpackage():
+    import marginface.evaluate.metrics as metrics
 
-    assert callable(marginface.evaluate)
-    assert marginface.evaluate.metrics is metrics
-    from marginface import evaluate
-    assert evaluate is marginface.evaluate
-    assert "verification sets" in marginface.evaluate.__doc__
+    assert marginface.evaluate.metrics is metrics  # the subpackage is not shadowed
+    assert callable(marginface.evaluate_model)
+    assert "verification sets" in marginface.evaluate_model.__doc__
 
 
 def test_verify_and_embed_match_the_cli(capsys):
@@ -166,12 +164,12 @@ def test_identify_folder_against_a_gallery_file(folders, tmp_path):
 def test_evaluate_honours_declared_folds_and_explains_single_class_sets():
     model = need(FOREIGN)
     mini = need("verification/lfw_mini")
-    results = marginface.evaluate(model, [mini, need("verification/lfw_head20.bin")], normalize="imagenet")
+    results = marginface.evaluate_model(model, [mini, need("verification/lfw_head20.bin")], normalize="imagenet")
     lfw = results["lfw_mini"]
     assert lfw["nfolds"] == 2 and lfw["pairs"] == 20 and lfw["auc"] > 0.9 and "note" not in lfw
     head = results["lfw_head20"]
     assert head["nfolds"] == 10 and np.isnan(head["auc"]) and "same-person" in head["note"]
-    assert marginface.evaluate(model, mini, normalize="imagenet", nfolds=5)["lfw_mini"]["nfolds"] == 5
+    assert marginface.evaluate_model(model, mini, normalize="imagenet", nfolds=5)["lfw_mini"]["nfolds"] == 5
 
 
 def test_pyproject_uses_the_spdx_license_form():
