@@ -3,11 +3,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from shared_data import shared_data  # noqa: E402  (tests/shared_data.py)
 
-SHARED = Path(os.environ.get("MARGINFACE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = shared_data()  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 
 
 def cli(*args):

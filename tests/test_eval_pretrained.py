@@ -4,8 +4,6 @@ The 20 images of lfw_head20.bin show 6 people (names from the official pairs fil
 image pair i < j is labelled: 190 pairs, 30 of them same-person. A correct pipeline (colour
 order, ImageNet normalisation for this model, flip-sum) separates them (AUC >= 0.99).
 """
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,9 @@ import pytest
 from marginface.data.verification import load_bin
 from marginface.evaluate.metrics import verification_metrics
 from marginface.evaluate.runner import embed_images, l2_normalize
+from shared_data import shared_data  # noqa: E402  (tests/shared_data.py)
 
-SHARED = Path(os.environ.get("MARGINFACE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = shared_data()  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 
 
 def test_pretrained_onnx_separates_the_lfw_cross_pairs():

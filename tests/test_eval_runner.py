@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,8 +18,9 @@ from marginface.evaluate.runner import (
     evaluate_sets,
     score_pair_set,
 )
+from shared_data import shared_data  # tests/shared_data.py
 
-VERIFICATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "verification"
+VERIFICATION = shared_data() / "verification"  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 needs_verification_data = pytest.mark.skipif(
     not ((VERIFICATION / "lfw_head20.bin").is_file() and (VERIFICATION / "lfw_mini").is_dir()),
     reason=f"shared verification samples not found under {VERIFICATION}",

@@ -3,7 +3,6 @@ small IJB-layout fixture built from the shared lfw_mini crops."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import cv2
@@ -25,10 +24,11 @@ from marginface.evaluate.ijb import (
     template_pair_scores,
 )
 from marginface.evaluate.metrics import roc_auc, tar_at_far
+from shared_data import shared_data  # noqa: E402  (tests/shared_data.py)
 
 torch.set_num_threads(1)
 
-SHARED = Path(os.environ.get("MARGINFACE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED = shared_data()  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 LFW_MINI = SHARED / "verification" / "lfw_mini"
 needs_lfw_mini = pytest.mark.skipif(not LFW_MINI.is_dir(), reason=f"shared data absent: {LFW_MINI}")
 

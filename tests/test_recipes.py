@@ -28,10 +28,11 @@ from marginface.data.align import ARCFACE_TEMPLATE_112
 from marginface.data.synthetic import HELD_OUT_OFFSET, SyntheticSource, write_synthetic
 from marginface.data.verification import pairs_from_identities
 from marginface.train.checkpoint import load_checkpoint
+from shared_data import shared_data  # noqa: E402  (tests/shared_data.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("recipe_*.yaml"))
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = shared_data()  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 
 # the size of a test run: 32 px, a quarter-width network, 32-d embeddings, batches of 16, fp32
 SMALL = ["model.input_size=32", "model.embedding_size=32", "train.batch_size=16", "train.amp=none",

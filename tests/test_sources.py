@@ -1,7 +1,6 @@
 """Folder, list and VGGFace2 sources, open_source dispatch, FaceDataset, tools on real sample data."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -22,11 +21,7 @@ from marginface.data.sources import (
 from marginface.data.tools import convert, inspect_path
 from marginface.data.transforms import to_tensor
 from marginface.errors import UserError
-
-
-def shared_data() -> Path:
-    env = os.environ.get("MARGINFACE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import shared_data  # tests/shared_data.py
 
 
 def need(rel: str) -> Path:

@@ -5,13 +5,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from marginface.config import load_config
 from marginface.errors import UserError
+from shared_data import need  # tests/shared_data.py
 from marginface.train.checkpoint import load_backbone, load_checkpoint
 from marginface.train.trainer import Trainer, TrainingDiverged
 
@@ -144,9 +144,7 @@ def test_cli_train_json_and_dry_run(tmp_path):
 
 def test_eval_cli_on_a_run(tmp_path):
     Trainer(tiny("train.max_steps=2", "data.val=[]"), tmp_path / "r", console=False).fit()
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "verification" / "lfw_head20.bin"
-    if not shared.is_file():
-        pytest.skip(f"shared data absent: {shared}")
+    shared = need("verification/lfw_head20.bin")
     res = run_cli("eval", "--model", str(tmp_path / "r"), "--sets", str(shared), "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)

@@ -1,5 +1,4 @@
 """LFW directories aligned from a landmark file, and pairs sampled from an identity folder."""
-import os
 import shutil
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import pytest
 from marginface.data.align import ARCFACE_TEMPLATE_112
 from marginface.data.verification import load_lfw_dir, load_pair_set
 from marginface.errors import UserError
+from shared_data import shared_data  # noqa: E402  (tests/shared_data.py)
 
-SHARED = Path(os.environ.get("MARGINFACE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = shared_data()  # tests/shared_data.py: $MARGINFACE_SHARED_DATA or ../shared/data
 LFW_MINI = SHARED / "verification" / "lfw_mini"
 JOHNS = SHARED / "identities" / "johns"
 
