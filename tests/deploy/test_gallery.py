@@ -1,6 +1,6 @@
 """Gallery: exact chunked search vs brute force, the legacy .npz file (atomic, no pickle, bad files),
 model fingerprints, and enrol/search on real photos (johns: rank-1 on held-out images; two CLI
-enrolments into one .sqlite gallery add up). The SQLite store itself: tests/test_gallery_store.py."""
+enrolments into one .sqlite gallery add up). The SQLite store itself: tests/deploy/test_gallery_store.py."""
 from __future__ import annotations
 
 import json

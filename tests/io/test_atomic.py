@@ -31,7 +31,7 @@ from marginface.io.atomic import (
 )
 from shared_data import need  # tests/shared_data.py
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def temps(folder: Path) -> list[Path]:

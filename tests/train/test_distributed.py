@@ -23,7 +23,7 @@ from marginface.train.trainer import Trainer
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 CLASSES = 40
 STEPS = 8
-# The tiny synthetic run of tests/test_train.py, without flips (their draw depends on the global batch
+# The tiny synthetic run of tests/train/test_train.py, without flips (their draw depends on the global batch
 # layout), in fp32 (no autocast), for few steps. Global batch 32 per step:
 #   2 ranks x batch 8 x grad_accum 2   ==   1 process x batch 8 x grad_accum 4
 # (same images in the same order, and BatchNorm sees the same 8 images in every forward).
