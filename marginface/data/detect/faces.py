@@ -20,6 +20,17 @@ class Face:
         return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
 
 
+def faces_in_image(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, keep, width: int,
+                   height: int) -> list[Face]:
+    """`Face` records of the detections ``keep`` (boxes clipped to the image), largest first: what
+    every detector returns."""
+    faces = [Face(box=(float(np.clip(boxes[i, 0], 0, width)), float(np.clip(boxes[i, 1], 0, height)),
+                       float(np.clip(boxes[i, 2], 0, width)), float(np.clip(boxes[i, 3], 0, height))),
+                  score=float(scores[i]), landmarks=landmarks[i].astype(np.float32))
+             for i in keep]
+    return sorted(faces, key=lambda f: f.area, reverse=True)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
     """Greedy non-maximum suppression; ``mode="min"`` divides the overlap by the smaller box."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]

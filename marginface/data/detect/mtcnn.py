@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from marginface.data.detect.faces import Face, nms
+from marginface.data.detect.faces import Face, faces_in_image, nms
 from marginface.data.detect.weights import find_mtcnn_weights
 from marginface.errors import UserError
 
@@ -215,15 +215,4 @@ class MTCNNDetector:
         landmarks = boxes[:, None, :2] + np.stack([points[:, :5], points[:, 5:]], axis=2) * size[:, None, :]
         boxes = _regress(boxes, offsets)
         keep = nms(boxes, prob, 0.7, mode="min")
-        faces = [
-            Face(
-                box=(
-                    float(np.clip(boxes[i, 0], 0, w)), float(np.clip(boxes[i, 1], 0, h)),
-                    float(np.clip(boxes[i, 2], 0, w)), float(np.clip(boxes[i, 3], 0, h)),
-                ),
-                score=float(prob[i]),
-                landmarks=landmarks[i].astype(np.float32),
-            )
-            for i in keep
-        ]
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return faces_in_image(boxes, prob, landmarks, keep, w, h)

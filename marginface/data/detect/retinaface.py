@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marginface.data.detect.faces import Face, nms
+from marginface.data.detect.faces import Face, faces_in_image, nms
 from marginface.data.detect.weights import find_retinaface_weights
 from marginface.errors import UserError
 
@@ -178,15 +178,4 @@ class RetinaFaceDetector:
         size = prior[:, 2:] * np.exp(deltas[:, 2:] * VARIANCE[1])
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1) / scale
         landmarks = (prior[:, None, :2] + points.reshape(-1, 5, 2) * VARIANCE[0] * prior[:, None, 2:]) / scale
-        faces = [
-            Face(
-                box=(
-                    float(np.clip(boxes[i, 0], 0, w)), float(np.clip(boxes[i, 1], 0, h)),
-                    float(np.clip(boxes[i, 2], 0, w)), float(np.clip(boxes[i, 3], 0, h)),
-                ),
-                score=float(scores[i]),
-                landmarks=landmarks[i].astype(np.float32),
-            )
-            for i in nms(boxes, scores, self.nms_threshold)
-        ]
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return faces_in_image(boxes, scores, landmarks, nms(boxes, scores, self.nms_threshold), w, h)
