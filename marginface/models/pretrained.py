@@ -46,7 +46,8 @@ def read_weights_file(path: Union[str, Path]) -> Any:
         raise UserError(f"{path}: weights file not found")
     kind = code_kind(path)
     if kind is not None:
-        raise UserError(f"{path}: {WHY[kind]}; not a weights file (a state dict or a marginface checkpoint)")
+        raise UserError(f"{path}: {WHY[kind]}; not a training checkpoint or state dict (give a run directory, "
+                        f"a .pt checkpoint or a .pth state dict)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, foreign, or a pickle that would run code: one clear line
@@ -146,7 +147,8 @@ def load_pretrained(model: nn.Module, path: Union[str, Path], backbone: str) -> 
     """
     where = f"model.pretrained {path}"
     obj = read_weights_file(path)
-    if backbone == "resnet50" and isinstance(obj, dict) and "fc.weight" in obj and "head.fc.weight" not in obj:
+    names = {str(k).removeprefix("module.") for k in obj} if isinstance(obj, dict) else set()
+    if backbone == "resnet50" and "fc.weight" in names and "head.fc.weight" not in names:
         load_torchvision_weights(model, path)  # torchvision ImageNet layout (reads the file itself)
         return model
     state = state_dict_of(obj, where)
