@@ -30,11 +30,14 @@ from marginface.data.synthetic import render_identities
 from marginface.data.transforms import NORMALIZATIONS, to_tensor
 from marginface.deploy.compiled import CompiledEmbedder, PRECISIONS
 from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
-from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_checkpoint_model, load_model, random_backbone
+from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_model, load_torch_model, random_backbone
 from marginface.deploy.modelfile import atomic_path, file_mb, set_onnx_metadata  # noqa: F401  (public here too)
 from marginface.deploy.quantize import QuantOptions, load_calibration_images, quantize_onnx
 from marginface.errors import UserError
 from marginface.inference import ModelInfo
+from marginface.io.atomic import atomic_save_torch
+from marginface.models import build_backbone
+from marginface.models.insightface import OURS_TO_INSIGHTFACE, to_insightface
 
 # Opset 13 is the newest opset that every mobile runtime we target reads (ONNX Runtime Mobile,
 # NCNN/pnnx, MNN, TNN, onnx2tf -> TFLite, Qualcomm QNN/SNPE, TensorRT) and the first with
@@ -86,7 +89,7 @@ def load_source(model_or_path, *, backbone: Optional[str] = None, embedding_size
     path = Path(model_or_path)
     if path.suffix.lower() == ".onnx":
         raise UserError(f"{path}: already an ONNX model; export takes a run directory or a .pt checkpoint")
-    return load_checkpoint_model(path)
+    return load_torch_model(path)  # a run, a checkpoint or a plain state dict (insightface's backbone.pth)
 
 
 def _input_hw(model) -> tuple[int, int]:
@@ -251,7 +254,30 @@ def _check_compiled_args(out: Union[str, Path], precision: str, calib) -> None:
         raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
 
 
-FORMATS = ("onnx", "torchscript", "aoti")
+def export_insightface_pth(model: torch.nn.Module, out: Union[str, Path]) -> dict:
+    """A state dict with insightface arcface_torch's names: ``get_model(name,
+    num_features=D).load_state_dict(torch.load(out))`` accepts it (r18..r200, mbf at 112 px)."""
+    info = ModelInfo.of(model)
+    name = info.backbone or ""
+    where = f"--format insightface-pth ({name or type(model).__name__})"
+    if name not in OURS_TO_INSIGHTFACE:
+        raise UserError(f"{where}: insightface's arcface_torch builds only "
+                        f"{', '.join(sorted(OURS_TO_INSIGHTFACE))}; export this model as onnx instead")
+    if info.image_size != (112, 112):
+        raise UserError(f"{where}: insightface's {OURS_TO_INSIGHTFACE[name]} takes 112x112 crops, "
+                        f"this model {info.image_size[0]}x{info.image_size[1]}")
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in model.state_dict().items()}
+    reference = build_backbone(name, embedding_size=info.embedding_size).state_dict()
+    odd = next((k for k in reference if k not in state or state[k].shape != reference[k].shape), None)
+    if odd is not None or len(state) != len(reference):  # e.g. width_mult != 1: no insightface equivalent
+        raise UserError(f"{where}: this {name} differs from the standard one at {odd or 'its extra tensors'} "
+                        f"(a width multiplier?); insightface has no such model")
+    atomic_save_torch(to_insightface(state, name, where=f"{where}: "), Path(out))
+    return {"insightface_name": OURS_TO_INSIGHTFACE[name], "num_features": info.embedding_size}
+
+
+FORMATS = ("onnx", "torchscript", "aoti", "insightface-pth")
 
 
 def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool = False,
@@ -283,7 +309,9 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         quant_options = quant_options or QuantOptions()
         calib_images = load_calibration_images(calib, hw, limit=calib_limit)  # fail early, before exporting
     report = {"out": str(out), "format": fmt, "int8": bool(int8)}
-    if fmt == "torchscript":
+    if fmt == "insightface-pth":
+        report.update(export_insightface_pth(model, out))
+    elif fmt == "torchscript":
         export_torchscript(model, out)
     elif not int8:
         export_onnx(model, out, opset=opset)

@@ -1,6 +1,8 @@
 """One loader for every model marginface can run: ``load_model(path_or_run, normalize=None)``.
 
-It accepts a run directory, a training checkpoint (``.pt``), our TorchScript export, our ONNX
+It accepts a run directory, a training checkpoint (``.pt``), a plain state dict of any backbone we
+build (ours, or insightface arcface_torch's ``backbone.pth`` for r18..r200 and mbf: architecture
+recognised from the tensors, `marginface.models.pretrained`), our TorchScript export, our ONNX
 export, our compiled package (``.pt2``, `deploy.compiled`) or a foreign insightface-style ONNX
 recognition model, and returns an `marginface.inference.Embedder`: a callable
 (normalised float ``N×3×H×W`` -> ``N×D``) whose ``.info`` is a frozen `ModelInfo` resolved here,
@@ -33,6 +35,7 @@ from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALI
                                   check_normalize, pick_threshold)
 from marginface.io.trust import COMPILED, TORCHSCRIPT, WHY, code_kind, refuse_untrusted
 from marginface.models import build_backbone
+from marginface.models.pretrained import backbone_from_state, is_marginface_checkpoint, read_weights_file, state_dict_of
 from marginface.train.checkpoint import load_checkpoint, resolve_checkpoint
 from marginface.train.setup import build_model
 
@@ -60,7 +63,34 @@ def load_checkpoint_model(model_path: Union[str, Path], prefer: str = "best") ->
     ``embedding_size``, ``normalize``, ``threshold``, ``threshold_source``, ``backbone_name``,
     ``model_path``. Reads the checkpoint once (see ``train.checkpoint.load_backbone``)."""
     path = resolve_checkpoint(str(model_path), prefer)
-    ckpt = load_checkpoint(path)
+    return _checkpoint_model(path, load_checkpoint(path))
+
+
+def load_torch_model(model_path: Union[str, Path], prefer: str = "best", *,
+                     backbone: Optional[str] = None) -> torch.nn.Module:
+    """A run directory, a marginface checkpoint or a plain state dict (ours or insightface
+    arcface_torch's ``backbone.pth``) -> the backbone in eval mode on the CPU, with ``.info``.
+
+    The file is read once with ``torch.load(weights_only=True)``. A state dict's architecture is
+    recognised from its tensor names and shapes (`marginface.models.pretrained`); ``backbone``
+    overrides the recognised name. It gets ``normalize`` "arcface" (insightface's convention)
+    and no threshold.
+    """
+    path = resolve_checkpoint(str(model_path), prefer)
+    obj = read_weights_file(path)
+    if is_marginface_checkpoint(obj):
+        if backbone is not None:
+            raise UserError(f"{path}: is a marginface checkpoint, which records its backbone; "
+                            f"--backbone applies to plain state dicts only")
+        return _checkpoint_model(path, obj)
+    model, found = backbone_from_state(state_dict_of(obj, str(path)), str(path), backbone)
+    info = ModelInfo(input_size=found.input_size, embedding_size=model.embedding_size, normalize=DEFAULT_NORMALIZE,
+                     source=str(path), kind="checkpoint", precision="fp32", backbone=found.name)
+    model.checkpoint_path = str(path)
+    return _attach(model, info)
+
+
+def _checkpoint_model(path: Path, ckpt: dict) -> torch.nn.Module:
     cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
     cfg.model.pretrained = None  # the checkpoint holds the weights
     state = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
@@ -160,8 +190,12 @@ class TorchScriptEmbedder(InfoAttributes, torch.nn.Module):
 
 
 def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *,
-               threads: Optional[int] = None, prefer: str = "best", trust_code: bool = False):
+               threads: Optional[int] = None, prefer: str = "best", trust_code: bool = False,
+               backbone: Optional[str] = None):
     """Any supported model -> a callable embedder (see the module docstring).
+
+    ``backbone`` (``--backbone``): the architecture of a plain state dict, instead of the one
+    recognised from its tensors (an error for other kinds of model).
 
     ``threads`` sets ONNX Runtime's intra-op threads for ONNX models (None: its default).
     ``trust_code``: allow TorchScript archives and compiled ``.pt2`` packages, which run code
@@ -172,13 +206,15 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
     if not path.exists():
         raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")
     kind = refuse_untrusted(path, trust_code)  # before any torch/ONNX Runtime code touches the file
+    if backbone is not None and (kind is not None or (path.is_file() and _looks_like_onnx(path))):
+        raise UserError(f"{path}: --backbone applies to plain state dicts (.pth) only")
     if path.is_file() and _looks_like_onnx(path):
         return OnnxEmbedder(path, normalize, threads=threads)
     if kind == COMPILED:
         return CompiledEmbedder.load(path, normalize, trust_code=trust_code)
     if kind == TORCHSCRIPT:
         return TorchScriptEmbedder(path, normalize, trust_code=trust_code)
-    model = load_checkpoint_model(path, prefer)
+    model = load_torch_model(path, prefer, backbone=backbone)
     if normalize is not None:
         _attach(model, model.info.with_normalize(normalize))
     return model

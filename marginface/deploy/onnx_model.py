@@ -10,6 +10,15 @@ when that is provably safe: the batch dimension of the input/output is made symb
 ``Reshape`` targets that hard-code the batch become ``0`` ("copy this dimension"); the result is
 checked against the original graph on two inputs, and if anything differs the wrapper simply
 loops over the batch one image at a time.
+
+Foreign models are read the way the insightface package's ``ArcFaceONNX`` reads its model zoo
+(``w600k_r50.onnx``, ``w600k_mbf.onnx``, ``glintr100.onnx``): the input name and shape come from
+the graph; when one of the first 8 nodes is named ``Sub``/``_minus*`` and one ``Mul``/``_mul*``
+(mxnet-converted models), the graph normalises itself and takes raw 0-255 RGB pixels (mean 0,
+std 1), otherwise it takes ``(x - 127.5) / 127.5`` (`graph_normalization`). The wrapper keeps the
+`Embedder` contract either way: it is called with normalised images (``info.normalize``) and turns
+them back into pixels for a self-normalising graph. An NHWC input (``N×H×W×3``) is transposed
+for it. Our own exports carry metadata and are read from it.
 """
 from __future__ import annotations
 
@@ -20,10 +29,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
 from marginface.inference import DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo, check_normalize
 
 
+INSIGHTFACE_SCAN_NODES = 8  # ArcFaceONNX looks at this many first nodes for Sub/Mul
 MAX_EMBEDDING_SIZE = 65536  # a declared output dimension beyond this (or 0) is not an embedding
 MAX_INPUT_SIDE = 4096
 
@@ -84,6 +95,17 @@ def load_onnx_proto(path: Union[str, Path], load_external_data: bool = True):
         except Exception as exc:
             raise UserError(f"{path}: cannot read its external weights ({_first_line(exc)})") from None
     return proto
+
+
+def graph_normalization(proto) -> str:
+    """``"raw"`` when the graph normalises its input itself (a ``Sub``/``_minus`` and a
+    ``Mul``/``_mul`` node among the first 8, by node name: insightface's ``ArcFaceONNX`` rule for
+    mxnet-converted models, mean 0 / std 1), else ``"external"`` (mean 127.5 / std 127.5, done
+    by the caller)."""
+    names = [node.name for node in proto.graph.node[:INSIGHTFACE_SCAN_NODES]]
+    sub = any(n.startswith("Sub") or n.startswith("_minus") for n in names)
+    mul = any(n.startswith("Mul") or n.startswith("_mul") for n in names)
+    return "raw" if sub and mul else "external"
 
 
 def _dim(d) -> Optional[int]:
@@ -160,6 +182,10 @@ class OnnxEmbedder(InfoAttributes):
                             f"embedding output, found {len(inputs)} inputs and {len(proto.graph.output)} outputs")
         dims = inputs[0].type.tensor_type.shape.dim
         shape = [_dim(d) for d in dims]
+        self.layout = "NCHW"
+        if len(shape) == 4 and shape[3] == 3 and shape[1] != 3 and shape[1] and shape[2]:
+            self.layout = "NHWC"  # channels last (some TF/Keras conversions): transposed in run_numpy
+            shape = [shape[0], 3, shape[1], shape[2]]
         if len(shape) != 4 or shape[1] != 3 or not shape[2] or not shape[3]:
             raise UserError(f"{self.path}: not a face-embedding model: input {inputs[0].name!r} has shape "
                             f"{shape}, expected N×3×H×W (RGB/BGR NCHW with a fixed H, W)")
@@ -173,6 +199,8 @@ class OnnxEmbedder(InfoAttributes):
         self.input_name = inputs[0].name
         self.output_name = proto.graph.output[0].name
         self.fixed_batch = shape[0]  # None = dynamic
+        # our exports record their preprocessing; a foreign graph may normalise its own input
+        self.graph_normalization = "external" if "marginface_format" in self.metadata else graph_normalization(proto)
         self.quantized = any(n.op_type in ("QLinearConv", "QuantizeLinear", "ConvInteger", "MatMulInteger")
                              for n in proto.graph.node)
         self.opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
@@ -218,7 +246,7 @@ class OnnxEmbedder(InfoAttributes):
         try:
             session = ort.InferenceSession(patched.SerializeToString(), options, providers=["CPUExecutionProvider"])
             rng = np.random.default_rng(0)
-            probe = rng.standard_normal((2, 3) + self.input_size).astype(np.float32)
+            probe = rng.standard_normal((2,) + self._graph_shape()).astype(np.float32)
             together = session.run([self.output_name], {self.input_name: probe})[0]
             alone = np.concatenate([self._run_fixed(probe[i : i + 1]) for i in range(2)])
         except Exception:
@@ -228,6 +256,19 @@ class OnnxEmbedder(InfoAttributes):
         return session
 
     # ------------------------------------------------------------------ running
+    def _graph_shape(self) -> tuple[int, ...]:
+        h, w = self.input_size
+        return (h, w, 3) if self.layout == "NHWC" else (3, h, w)
+
+    def _to_graph_input(self, x: np.ndarray) -> np.ndarray:
+        """Normalised ``N×3×H×W`` -> what the graph takes (raw pixels and/or channels last)."""
+        if self.graph_normalization == "raw":  # back to 0-255 RGB pixels: undo info.normalize
+            mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in NORMALIZATIONS[self.normalize])
+            x = x * std + mean
+        if self.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
     def _run_fixed(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
@@ -237,6 +278,7 @@ class OnnxEmbedder(InfoAttributes):
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.input_size:
             raise ValueError(f"{self.path.name}: expected N×3×{self.input_size[0]}×{self.input_size[1]} input, "
                              f"got {tuple(x.shape)}")
+        x = self._to_graph_input(x)
         if self.fixed_batch is None or len(x) == self.fixed_batch:
             out = self._run_fixed(x)
         elif self._batched is not None:
@@ -254,7 +296,8 @@ class OnnxEmbedder(InfoAttributes):
     def describe(self) -> dict:
         return {"path": str(self.path), "input_size": list(self.input_size), "embedding_size": self.embedding_size,
                 "normalize": self.normalize, "threshold": self.threshold, "quantized": self.quantized,
-                "opset": self.opset, "fixed_batch": self.fixed_batch,
+                "opset": self.opset, "fixed_batch": self.fixed_batch, "layout": self.layout,
+                "graph_normalization": self.graph_normalization,
                 "rebatched": self._batched is not None}
 
     def __repr__(self) -> str:

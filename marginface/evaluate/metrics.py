@@ -174,6 +174,69 @@ def tar_at_far(
     return result
 
 
+VAL_DISTANCE_GRID = np.arange(0, 4, 0.001)  # insightface calculate_val's finer grid on squared distance
+VAL_FAR_TARGETS = (1e-3,)  # the FAR insightface's verification.py reports VAL at
+
+
+def _interpolated_threshold(far: np.ndarray, grid: np.ndarray, target: float) -> float:
+    """The threshold at which the (non-decreasing) ``far`` curve over ``grid`` reaches ``target``,
+    linearly interpolated as scipy's ``interp1d(far, grid, kind="slinear")(target)`` does: on a
+    run of equal FARs it takes the last grid point of the run; between two FAR values it
+    interpolates between the last point of the lower run and the first of the higher one; at the
+    top FAR itself, the first point reaching it. 0.0 when ``far`` never reaches ``target``."""
+    if far.max() < target:
+        return 0.0
+    if target == far[-1]:
+        return float(grid[int(np.searchsorted(far, target, side="left"))])
+    i = int(np.searchsorted(far, target, side="right")) - 1  # last index with far <= target
+    if i < 0:
+        raise ValueError(f"FAR target {target} is below the smallest FAR {far[0]}")
+    if far[i] == target:
+        return float(grid[i])
+    alpha = (target - far[i]) / (far[i + 1] - far[i])
+    return float(grid[i] + alpha * (grid[i + 1] - grid[i]))
+
+
+def _val_far(dist: np.ndarray, issame: np.ndarray, threshold: float) -> tuple[float, float]:
+    accepted = dist < threshold
+    return float((accepted & issame).sum() / issame.sum()), float((accepted & ~issame).sum() / (~issame).sum())
+
+
+def val_at_far(scores, issame, far_targets: Sequence[float] = VAL_FAR_TARGETS, nfolds: int = 10,
+               grid: np.ndarray = VAL_DISTANCE_GRID) -> dict[str, dict]:
+    """insightface's VAL@FAR (``calculate_val`` in ``recognition/arcface_torch/eval/verification.py``).
+
+    On squared distances ``d = 2 - 2 * cos`` and the same consecutive folds as the accuracy: for
+    each fold, the FAR of ``d < t`` on the *other* folds is computed for every ``t`` of
+    ``np.arange(0, 4, 0.001)``; the threshold reaching ``far_target`` is interpolated on that curve
+    (0 when it never does); VAL (true accept rate) and FAR are measured on the held-out fold at it.
+    ``{"1e-3": {"val": mean, "val_std": population std, "far": mean}}`` per target. Unlike
+    ``tar_at_far`` (the exact ROC of all pairs), the threshold is learnt on other folds, so the FAR
+    achieved scatters around the target. Empty when a fold lacks positive or negative pairs.
+    """
+    s, y = _check_inputs(scores, issame)
+    dist = 2.0 - 2.0 * s
+    bounds = fold_bounds(s.size, nfolds)
+    if any(not 0 < int(y[a:b].sum()) < b - a for a, b in bounds):
+        return {}
+    # false accepts of each grid threshold, per fold: counts of negatives with d < t
+    neg_counts = np.stack([np.searchsorted(np.sort(dist[a:b][~y[a:b]]), grid, side="left") for a, b in bounds])
+    neg_sizes = np.array([int((~y[a:b]).sum()) for a, b in bounds])
+    result: dict[str, dict] = {}
+    for target in far_targets:
+        vals, fars = [], []
+        for k, (a, b) in enumerate(bounds):
+            train = np.arange(len(bounds)) != k if nfolds > 1 else np.ones(1, bool)
+            far_train = neg_counts[train].sum(0) / neg_sizes[train].sum()
+            threshold = _interpolated_threshold(far_train, grid, target)
+            val, far = _val_far(dist[a:b], y[a:b], threshold)
+            vals.append(val)
+            fars.append(far)
+        result[far_key(target)] = {"val": float(np.mean(vals)), "val_std": float(np.std(vals)),
+                                   "far": float(np.mean(fars))}
+    return result
+
+
 def _mean_or_nan(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
@@ -219,6 +282,7 @@ def verification_metrics(
         "auc": auc,
         "eer": eer,
         "tar_at_far": tars,
+        "val_at_far": val_at_far(s, y, nfolds=nfolds) if both_classes else {},  # insightface's protocol
         "pos_mean": _mean_or_nan(s[y]),
         "neg_mean": _mean_or_nan(s[~y]),
         "pairs": int(s.size),

@@ -23,6 +23,7 @@ from marginface.heads.center import CenterLoss
 from marginface.heads.margins import MARGINS
 from marginface.heads.partial_fc import PartialFC
 from marginface.models import build_backbone
+from marginface.models.pretrained import load_pretrained
 from marginface.train.batches import BatchOrder
 
 
@@ -70,11 +71,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         kw["width_mult"] = cfg.width_mult
     if cfg.dropout:
         kw["dropout"] = cfg.dropout
-    if cfg.pretrained:
-        kw["pretrained"] = cfg.pretrained
     if cfg.gradient_checkpointing:
         kw["gradient_checkpointing"] = True
-    return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.input_size, **kw)
+    model = build_backbone(cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.input_size, **kw)
+    if cfg.pretrained:  # any weights file of this backbone, strictly (marginface.models.pretrained)
+        load_pretrained(model, cfg.pretrained, cfg.backbone)
+    return model
 
 
 def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0,
