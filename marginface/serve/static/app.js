@@ -137,6 +137,6 @@ async function refreshGallery() {
 }
 
 api("GET", "/health").then((h) => {
-  $("model").textContent = `${h.model} · ${h.fingerprint} · threshold ${h.threshold.toFixed(3)}` +
+  $("model").textContent = `${h.model.split("/").pop()} · ${h.fingerprint} · threshold ${h.threshold.toFixed(3)}` +
     (h.gallery ? ` · gallery ${h.gallery_size}` : "");
 }).catch((e) => { $("model").textContent = e.message; });
