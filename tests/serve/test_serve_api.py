@@ -286,3 +286,30 @@ def test_image_io_is_bytes_not_paths(client):
     data = io.BytesIO(b"\xff\xd8\xff\xe0" + b"\0" * 20)
     assert_error(client.post("/embed", files=[("image", ("/etc/passwd", data, "image/jpeg"))]), 422,
                  "image (/etc/passwd)")
+
+
+# ---------------------------------------------------------------------------------------------- run()
+def test_run_checks_options_and_hands_workers_the_model(monkeypatch, embedder, tmp_path):
+    import uvicorn
+
+    from marginface import serve
+    from marginface.serve.app import app_from_environment
+
+    with pytest.raises(UserError, match="--workers"):
+        serve.run(embedder, workers=0)
+    with pytest.raises(UserError, match="--port"):
+        serve.run(embedder, port=70000)
+    with pytest.raises(UserError, match="as a path"):
+        serve.run(embedder, workers=2)
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setenv("MARGINFACE_SERVE", "{}")  # run() sets it; restored (removed) after the test
+    serve.run(str(need(FOREIGN)), gallery=tmp_path / "w.sqlite", port=8123, workers=2, threads=1,
+              normalize="imagenet", detector_weights=str(need("weights/mtcnn")))
+    target, kw = calls[0]
+    assert target == "marginface.serve.app:app_from_environment" and kw["factory"] and kw["workers"] == 2
+    assert kw["port"] == 8123 and kw["host"] == "127.0.0.1"
+    worker = TestClient(app_from_environment())  # what each worker process builds
+    h = worker.get("/health").json()
+    assert h["fingerprint"] == embedder.fingerprint()[0] and h["gallery"] == str(tmp_path / "w.sqlite")
+    assert h["concurrency"] >= 1 and h["threads"] == 1
