@@ -36,7 +36,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("marginface.train", "marginface.viz"),
     # 6: deployment (export, loading, compiled/ONNX inference, embedder, galleries)
     ("marginface.deploy",),
-    # 7: the command line
+    # 7: the HTTP service (FastAPI app + web page) over deploy's embedder and gallery
+    ("marginface.serve",),
+    # 8: the command line
     ("marginface.cli", "marginface.__main__"),
 ]
 
