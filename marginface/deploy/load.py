@@ -85,7 +85,7 @@ def load_torch_model(model_path: Union[str, Path], prefer: str = "best", *,
         return _checkpoint_model(path, obj)
     model, found = backbone_from_state(state_dict_of(obj, str(path)), str(path), backbone)
     info = ModelInfo(input_size=found.input_size, embedding_size=model.embedding_size, normalize=DEFAULT_NORMALIZE,
-                     source=str(path), kind="checkpoint", precision="fp32", backbone=found.name)
+                     source=str(path), kind="state_dict", precision="fp32", backbone=found.name)
     model.checkpoint_path = str(path)
     return _attach(model, info)
 
