@@ -251,8 +251,8 @@ def test_insightface_state_dict_through_the_cli(name, faces, tmp_path, capsys):
     with torch.no_grad():
         assert np.abs(unit(features) - unit(ours(x).numpy())).max() < 1e-5
     info = load_model(path).info
-    assert (info.backbone, info.embedding_size, info.input_size, info.normalize) == (
-        {"mbf": "mbf"}.get(name, f"iresnet{name[1:]}"), 512, (112, 112), "arcface")
+    assert (info.backbone, info.embedding_size, info.input_size, info.normalize, info.kind) == (
+        {"mbf": "mbf"}.get(name, f"iresnet{name[1:]}"), 512, (112, 112), "arcface", "state_dict")
 
 
 def test_backbone_override_and_mismatch_lines(tmp_path):
