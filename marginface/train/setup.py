@@ -23,7 +23,10 @@ from marginface.heads.center import CenterLoss
 from marginface.heads.margins import MARGINS
 from marginface.heads.partial_fc import PartialFC
 from marginface.models import build_backbone
+from marginface.train import optim
 from marginface.train.batches import BatchOrder
+
+OPTIMIZERS = optim.OPTIMIZERS  # name -> builder: the registry of optim.name (defined in train/optim.py, below config)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -122,11 +125,7 @@ def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, cent
                        "weight_decay": 0.0, "name": "center"})
     for g in groups:
         g["initial_lr"] = g["lr"]
-    foreach = True
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, foreach=foreach)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+    return optim.build(groups, cfg)  # OPTIMIZERS[optim.name]; an unknown name is one line naming the key
 
 
 def build_train_source(cfg: DataConfig, image_size: int):
