@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import runpy
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import math
 import yaml
 
 from marginface.data.textfiles import read_text
+from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
 from marginface.heads import build_loss_head, loss_head_names
 from marginface.heads.partial_fc import DTYPES, SHARD_DTYPES
@@ -44,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    margin: str = "arcface"
+    loss: str = "arcface"  # a margin (arcface, cosface, ...) or a pair loss (pair_bce); was head.margin
     params: dict = field(default_factory=dict)  # the margin's own parameters (s, m, ...): see docs/losses.md
     sample_rate: float = 1.0  # Partial FC: fraction of negative classes per step (1.0 = every class)
     shard_dtype: str = "fp32"  # Partial FC: storage of the classifier shard + its optimizer state (fp32 | bf16)
@@ -53,6 +55,15 @@ class HeadConfig:
     focal_gamma: float = 0.0
     center_weight: float = 0.0  # > 0 adds center loss (Wen et al. 2016)
     center_lr: float = 0.5
+
+    @property
+    def margin(self) -> str:
+        """The old name of `loss` (``head.margin`` in files, ``--set`` and old checkpoints still works)."""
+        return self.loss
+
+    @margin.setter
+    def margin(self, value: str) -> None:
+        self.loss = value
 
 
 @dataclass
@@ -72,11 +83,20 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 2
     flip: bool = True
-    normalize: str = "arcface"
+    input_norm: str = "arcface"  # pixel normalisation: arcface ((x-127.5)/127.5) | imagenet; was data.normalize
     skip_bad_images: bool = True
     samples_per_identity: int = 0  # K > 0: batches of P identities x K images (pair losses); 0 = random
     val_sample_pairs: int = 2000  # an identity folder in data.val: sample this many balanced pairs from it
     val_align: str = "auto"  # LFW dirs: auto = landmarks.txt if present, else as is; detect = MTCNN + align
+
+    @property
+    def normalize(self) -> str:
+        """The old name of `input_norm` (``data.normalize`` in files, ``--set`` and old checkpoints still works)."""
+        return self.input_norm
+
+    @normalize.setter
+    def normalize(self, value: str) -> None:
+        self.input_norm = value
 
 
 @dataclass
@@ -225,10 +245,58 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
+# Renamed keys: old dotted key -> new one. Config files, ``--set`` overrides and the configs saved in
+# older checkpoints and run directories may use the old name; it is read as the new one, with a
+# one-line notice on stderr (once per key and process). Giving both with different values is an error.
+RENAMED_KEYS = {"head.margin": "head.loss", "data.normalize": "data.input_norm"}
+_NOTIFIED: set = set()
+
+
+def _rename_notice(old: str, new: str, where: str) -> None:
+    if old not in _NOTIFIED:
+        _NOTIFIED.add(old)
+        print(f"warning: {where}config key '{old}' is deprecated; it is read as '{new}' (rename it)",
+              file=sys.stderr, flush=True)
+
+
+def renamed_key(key: str, where: str = "") -> str:
+    """The current name of dotted ``key`` (``head.margin`` -> ``head.loss``, with the notice)."""
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return key
+    _rename_notice(key, new, where)
+    return new
+
+
+def migrate_renamed(data: Any, where: str = "") -> Any:
+    """A copy of a top-level config mapping with renamed keys under their current names."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        section, old_name = old.split(".")
+        new_name = new.split(".")[1]
+        body = out.get(section)
+        if not isinstance(body, dict) or old_name not in body:
+            continue
+        body = dict(body)
+        value = body.pop(old_name)
+        if new_name in body and body[new_name] != value:
+            raise UserError(f"{where}config keys '{old}' (the old name) and '{new}' are both given, with different "
+                            f"values ({value!r}, {body[new_name]!r}); keep only '{new}'")
+        _rename_notice(old, new, where)
+        body.setdefault(new_name, value)
+        out[section] = body
+    return out
+
+
 def from_dict(cls: type, data: dict, prefix: str = "", where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (partial) nested dict; every key and type is checked."""
+    """Build dataclass ``cls`` from a (partial) nested dict; every key and type is checked.
+    Renamed keys (`RENAMED_KEYS`) are read under their new names."""
     if not isinstance(data, dict):
         raise UserError(f"{where}config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    if cls is Config and not prefix:
+        data = migrate_renamed(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -374,11 +442,12 @@ def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()
 
 def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: str = "") -> Config:
     """`load_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
-    data = copy.deepcopy(data)
+    data = migrate_renamed(copy.deepcopy(data), where)  # old key names -> new, so an override of either wins
     # check the file alone first so its errors name the file
     _check_values(from_dict(Config, data, where=where), where)
     for text in overrides:
         key, value = parse_override(text)
+        key = renamed_key(key, "--set: ")
         _check_override_key(key)
         _set_dotted(data, key, value)
     cfg = from_dict(Config, data)
@@ -459,11 +528,12 @@ def validate(cfg: Config) -> None:
     _check_values(cfg)
     # names come from the registries of their owners (the CLI's choices and the tests read the same ones)
     one_of("model.backbone", cfg.model.backbone, list(BACKBONES))
-    one_of("head.margin", cfg.head.margin, loss_head_names())
+    one_of("head.loss", cfg.head.loss, loss_head_names())
     one_of("optim.name", cfg.optim.name, list(OPTIMIZERS))
     one_of("schedule.name", cfg.schedule.name, list(SCHEDULES))
     one_of("head.shard_dtype", cfg.head.shard_dtype, list(SHARD_DTYPES))
     one_of("head.compute_dtype", cfg.head.compute_dtype, list(DTYPES))
+    one_of("data.input_norm", cfg.data.input_norm, list(NORMALIZATIONS))
     one_of("data.val_align", cfg.data.val_align, VAL_ALIGN)
     one_of("train.amp", cfg.train.amp, AMP_MODES)
     need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
@@ -473,9 +543,9 @@ def validate(cfg: Config) -> None:
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
     # the loss head checks its own parameters (names and values) and says which are valid
-    build_loss_head(cfg.head.margin, 8, 2, cfg.head.params)
-    need(cfg.head.margin != "pair_bce" or cfg.data.samples_per_identity >= 2,
-         "head.margin = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
+    build_loss_head(cfg.head.loss, 8, 2, cfg.head.params)
+    need(cfg.head.loss != "pair_bce" or cfg.data.samples_per_identity >= 2,
+         "head.loss = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 
 
 def dump_yaml(cfg: Config) -> str:

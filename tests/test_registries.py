@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from marginface.config import load_config
+from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
 from marginface.heads.factory import PAIR_LOSSES
 from marginface.heads.margins import MARGINS
@@ -18,7 +19,8 @@ from marginface.train.setup import OPTIMIZERS, build_optimizer
 # config key -> (registry, extra overrides every name needs)
 KEYS = {
     "model.backbone": (BACKBONES, []),
-    "head.margin": ({**MARGINS, **PAIR_LOSSES}, ["data.samples_per_identity=4"]),
+    "head.loss": ({**MARGINS, **PAIR_LOSSES}, ["data.samples_per_identity=4"]),
+    "data.input_norm": (NORMALIZATIONS, []),
     "optim.name": (OPTIMIZERS, []),
     "schedule.name": (SCHEDULES, []),
     "head.compute_dtype": (DTYPES, []),

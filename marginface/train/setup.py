@@ -173,4 +173,4 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
 
 def describe_run(cfg: Config) -> str:
     return (f"{cfg.model.backbone} (emb {cfg.model.embedding_size}, {cfg.model.input_size}px) + "
-            f"{cfg.head.margin} on {cfg.data.train}")
+            f"{cfg.head.loss} on {cfg.data.train}")

@@ -309,7 +309,7 @@ class Trainer:
         self._frozen = frozen  # a frozen backbone bypasses DDP (no gradients to reduce)
 
     def _forward_loss(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple:
-        x = normalize_batch(images_u8.to(self.device, non_blocking=True), self.cfg.data.normalize)
+        x = normalize_batch(images_u8.to(self.device, non_blocking=True), self.cfg.data.input_norm)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
@@ -386,7 +386,7 @@ class Trainer:
             for ps in self.val_sets:  # a stop signal ends the evaluation between two batches (EvaluationStopped)
                 results[ps.name] = evaluate_pair_set(self.backbone, ps, flip=self.cfg.eval.flip,
                                                      batch_size=self.cfg.eval.batch_size, device=self.device,
-                                                     normalize=self.cfg.data.normalize,
+                                                     normalize=self.cfg.data.input_norm,
                                                      stop=lambda: self._stop_signal is not None)
         finally:
             self.backbone.train(was_training)
