@@ -543,7 +543,9 @@ def validate(cfg: Config) -> None:
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
     # the loss head checks its own parameters (names and values) and says which are valid
-    build_loss_head(cfg.head.loss, 8, 2, cfg.head.params)
+    h = cfg.head
+    build_loss_head(h.loss, 8, 2, h.params, num_subcenters=h.num_subcenters, focal_gamma=h.focal_gamma,
+                    sample_rate=h.sample_rate, shard_dtype=h.shard_dtype, compute_dtype=h.compute_dtype)
     need(cfg.head.loss != "pair_bce" or cfg.data.samples_per_identity >= 2,
          "head.loss = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 

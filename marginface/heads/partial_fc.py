@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import UserError
-from marginface.heads.classifier import HeadOutput
+from marginface.heads.base import HeadOutput, LossHead
 from marginface.heads.margins.base import Margin
 from marginface import parallel as D
 
@@ -158,7 +158,7 @@ def _needs_target_column(margin: nn.Module) -> bool:
     return isinstance(margin, Margin) and type(margin).negatives is not Margin.negatives
 
 
-class PartialFC(nn.Module):
+class PartialFC(LossHead):
     """Sharded, sampled class centres + a margin; forward(local embeddings, local labels) -> HeadOutput.
 
     ``weight`` holds this rank's classes ``class_range`` (``(end-start)*K × D``; row ``c*K + k``
@@ -168,6 +168,8 @@ class PartialFC(nn.Module):
     The returned ``loss`` is the global loss (identical on every rank); its gradient is this
     rank's part (see marginface.train.distributed). ``logits`` are this rank's sampled columns.
     """
+
+    sharded = True  # the weight holds this rank's classes; checkpoints hold per-rank shards
 
     def __init__(self, embedding_size: int, num_classes: int, margin: nn.Module, *, sample_rate: float = 1.0,
                  num_subcenters: int = 1, focal_gamma: float = 0.0, rank: int = 0, world_size: int = 1,

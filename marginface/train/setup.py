@@ -1,5 +1,8 @@
 """Build the pieces of a run from a Config: device, AMP dtype, data, backbone, head, optimizer.
 
+The loss head comes from the one head builder, `marginface.heads.build_loss_head` (`build_head`
+passes it the ``head`` section); the optimizer from the `OPTIMIZERS` registry.
+
 Each builder takes exactly the config sections it needs, so the library can be used piecewise.
 """
 from __future__ import annotations
@@ -18,10 +21,8 @@ from marginface.data.synthetic import SyntheticSource, synthetic_pair_set
 from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
 from marginface.hardware import has_fast_bf16
-from marginface.heads import build_loss_head, build_margin
+from marginface.heads import LossHead, build_loss_head
 from marginface.heads.center import CenterLoss
-from marginface.heads.margins import MARGINS
-from marginface.heads.partial_fc import PartialFC
 from marginface.models import build_backbone
 from marginface.train import optim
 from marginface.train.batches import BatchOrder
@@ -80,25 +81,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.input_size, **kw)
 
 
-def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0,
-                     world_size: int = 1, seed: int = 0) -> nn.Module:
-    """The loss head: a margin classifier (``head.margin`` = arcface, ...) or the pair loss (pair_bce).
+def build_head(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0, world_size: int = 1,
+               seed: int = 0) -> LossHead:
+    """`marginface.heads.build_loss_head` with the ``head`` section's options (it picks Partial FC)."""
+    return build_loss_head(cfg.loss, embedding_size, num_classes, cfg.params, **head_options(cfg),
+                           rank=rank, world_size=world_size, seed=seed)
 
-    Under torchrun (``world_size`` > 1), with ``head.sample_rate`` < 1 or a non-fp32
-    ``head.shard_dtype`` / ``head.compute_dtype`` the classifier is Partial FC (rank ``rank``'s
-    shard; see marginface.heads.partial_fc); otherwise the single-process full FC.
-    """
-    pfc = (world_size > 1 or cfg.sample_rate < 1.0 or cfg.shard_dtype != "fp32" or cfg.compute_dtype != "fp32")
-    if pfc and cfg.margin in MARGINS:
-        return PartialFC(embedding_size, num_classes, build_margin(cfg.margin, **cfg.params),
-                         sample_rate=cfg.sample_rate, num_subcenters=cfg.num_subcenters,
-                         focal_gamma=cfg.focal_gamma, rank=rank, world_size=world_size, seed=seed,
-                         shard_dtype=cfg.shard_dtype, compute_dtype=cfg.compute_dtype)
-    if world_size > 1:
-        raise UserError(f"head.margin={cfg.margin!r} is not a margin classifier; distributed training "
-                        "(torchrun) shards a margin classifier (Partial FC) and supports only those")
-    return build_loss_head(cfg.margin, embedding_size, num_classes, cfg.params,
-                           num_subcenters=cfg.num_subcenters, focal_gamma=cfg.focal_gamma)
+
+def head_options(cfg: HeadConfig) -> dict:
+    """The keyword options of `build_loss_head` the ``head`` section sets."""
+    return {"num_subcenters": cfg.num_subcenters, "focal_gamma": cfg.focal_gamma, "sample_rate": cfg.sample_rate,
+            "shard_dtype": cfg.shard_dtype, "compute_dtype": cfg.compute_dtype}
 
 
 def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) -> Optional[nn.Module]:

@@ -142,10 +142,10 @@ class Trainer:
         self.backbone = setup.build_model(cfg.model).to(self.device)
         if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
             set_fast_layers(self.backbone, False)
-        self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes,
+        self.head = setup.build_head(cfg.head, cfg.model.embedding_size, self.source.num_classes,
                                            rank=self.dist.rank, world_size=self.dist.world_size,
                                            seed=cfg.train.seed).to(self.device)
-        self.sharded_head = hasattr(self.head, "class_range")  # Partial FC: checkpoints hold per-rank shards
+        self.sharded_head = self.head.sharded  # Partial FC: checkpoints hold per-rank shards
         self.center = setup.build_center_loss(cfg.head, cfg.model.embedding_size, self.source.num_classes)
         if self.center is not None:
             self.center.to(self.device)
@@ -155,9 +155,7 @@ class Trainer:
                                                cfg.head.center_lr, cfg.head.center_weight)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        attach = getattr(self.head, "attach_optimizer", None)
-        if attach is not None:  # Partial FC with sampling: the optimizer updates only the sampled rows
-            attach(self.optimizer)
+        self.head.attach_optimizer(self.optimizer)  # Partial FC with sampling: the optimizer updates only sampled rows
         # DDP sums (not averages) the backbone gradients: each rank back-propagates its part of the global loss
         self.ddp = distributed.wrap_ddp(self.backbone, self.device) if self.dist.enabled else self.backbone
         self.forward_backbone = torch.compile(self.ddp) if cfg.train.compile else self.ddp
@@ -332,9 +330,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
-        begin = getattr(self.head, "begin_step", None)
-        if begin is not None:
-            begin(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
+        self.head.begin_step(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
         total, stats = 0.0, {}
         accum = len(micro_batches)
         for i, (images, labels) in enumerate(micro_batches):
