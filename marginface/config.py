@@ -466,10 +466,10 @@ INT_RANGES = {
     "train.batch_size": (1, 1 << 20),
     "train.grad_accum": (1, 4096),
     "eval.batch_size": (1, 1 << 20),
-    "synthetic.identities": (1, 10_000_000),
-    "synthetic.images_per_identity": (1, 100_000),
-    "synthetic.val_identities": (0, 10_000_000),
-    "synthetic.val_images_per_identity": (0, 100_000),
+    "data.synthetic.identities": (1, 10_000_000),
+    "data.synthetic.images_per_identity": (1, 100_000),
+    "data.synthetic.val_identities": (0, 10_000_000),
+    "data.synthetic.val_images_per_identity": (0, 100_000),
 }
 FLOAT_RANGES = {
     "model.width_mult": (1e-3, 16.0),

@@ -151,3 +151,8 @@ def test_saved_configs_use_the_new_names():
     text = dump_yaml(load_config(None, ["head.loss=cosface"]))
     assert "loss: cosface" in text and "input_norm:" in text
     assert "margin:" not in text.replace("easy_margin", "") and "normalize:" not in text
+
+
+def test_synthetic_sizes_have_their_ranges():
+    with pytest.raises(UserError, match=r"'data.synthetic.identities' must be an integer in 1..10000000, got 0"):
+        load_config(None, ["data.synthetic.identities=0"])

@@ -420,7 +420,7 @@ class Trainer:
         self.last_eval_step = self.step
         self.logger.record("eval", self.step, {"eval": results})
         for name, m in results.items():
-            flat = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             flat.update({f"tar@{k}": v for k, v in m.get("tar_at_far", {}).items()})
             self.logger.scalars(self.step, flat, prefix=f"eval/{name}/")
         spec = self.best_metric
