@@ -90,3 +90,34 @@ def test_compiled_precisions_are_a_subset_of_inference_precisions():
     from marginface.inference import PRECISIONS
 
     assert COMPILED and set(COMPILED) <= set(PRECISIONS)
+
+
+def test_one_device_resolver():
+    from marginface.inference import resolve_device
+    from marginface.train.setup import resolve_device as train_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"^--device is not a device: 'gpu0'$"):
+        resolve_device("gpu0", "--device")
+    with pytest.raises(UserError, match=r"^config key 'train.device' is not a device: 'gpu0'$"):
+        train_device("gpu0")
+
+
+def test_one_top_k_search_serves_the_gallery():
+    import numpy as np
+
+    from marginface.deploy import gallery_store
+    from marginface.evaluate import identification
+
+    assert gallery_store.top_k_cosine is identification.top_k_cosine
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((50, 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    g[7] = g[3]  # a tie: the lower index comes first
+    idx, sims = identification.top_k_cosine(g, g[[3]], 3, chunk_size=16)
+    assert idx[0, :2].tolist() == [3, 7] and sims[0, 0] == pytest.approx(1.0, abs=1e-6)
+    full = np.argsort(-(g[[3]] @ g.T), kind="stable")[0, :3]
+    assert idx[0].tolist() == full.tolist()
+    empty_idx, _ = identification.top_k_cosine(g[:0], g[:2], 5)
+    assert empty_idx.shape == (2, 0)

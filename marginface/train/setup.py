@@ -20,6 +20,7 @@ from marginface.data.sources import open_source
 from marginface.data.synthetic import SyntheticSource, synthetic_pair_set
 from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
+from marginface import inference
 from marginface.hardware import has_fast_bf16
 from marginface.heads import LossHead, build_loss_head
 from marginface.heads.center import CenterLoss
@@ -40,15 +41,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config key 'train.device' is not a device: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"config key 'train.device' asks for {name} but CUDA is not available")
-    return device
+    """``train.device`` -> the device (`marginface.inference.resolve_device`, the one resolver)."""
+    return inference.resolve_device(name, "config key 'train.device'")
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
