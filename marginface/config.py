@@ -130,7 +130,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | none | bf16 | fp16 (auto: bf16 on CPUs that have it, fp16 on CUDA)
     channels_last: bool = True
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer)
-    compile: bool = False  # torch.compile the backbone (inductor; ~1-2 min of compiling on 2 CPU cores)
+    compile: bool = False  # torch.compile the backbone (inductor; compile time: docs/performance.md)
     fast_layers: bool = True  # CPU: PReLU with a fast backward, grouped convs fp32 under bf16 (models/layers.py)
     cpu_keep_memory: bool = True  # CPU: glibc keeps freed memory during fit (no page faults per step)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

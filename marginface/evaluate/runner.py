@@ -71,8 +71,8 @@ def _inference_model(model: Model) -> tuple[Model, bool]:
     For an ``nn.Module`` (already in eval mode): a torch.fx copy with every Conv+BatchNorm folded
     into one convolution and thin-group convolutions regrouped (`deploy.fold.regroup_thin_convs`;
     the same function up to float rounding; the caller's model is untouched) fed with channels_last
-    inputs, which oneDNN/cuDNN run about twice as fast for depthwise-heavy nets such as
-    MobileFaceNet (see ``benchmarks/eval_speed.py``). A module that cannot be folded runs as it
+    inputs, which oneDNN/cuDNN run faster for depthwise-heavy nets such as MobileFaceNet
+    (figures: docs/performance.md, ``benchmarks/eval_speed.py``). A module that cannot be folded runs as it
     is; other callables (ONNX wrappers) get plain contiguous inputs.
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
@@ -130,7 +130,7 @@ def embed_views(
     plain, mirrored = [], []
     with _eval_mode(model):
         net, channels_last = _inference_model(model) if optimize else (model, False)
-    # On the CPU, glibc would mmap/munmap every large activation: page faults cost 1.3-2x here.
+    # On the CPU, glibc would mmap/munmap every large activation; the page faults cost time (docs/performance.md).
     keep_memory = malloc.kept_freed_memory(torch.device(device).type == "cpu")
     with keep_memory, _eval_mode(net), torch.inference_mode(), _autocast(device, options.amp_dtype):
         for start in range(0, len(images), batch_size):
