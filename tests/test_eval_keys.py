@@ -55,3 +55,27 @@ def test_train_and_eval_report_the_same_keys_per_set(tmp_path, capsys):
     assert a["pairs"] == b["pairs"] == 24 and a["images"] == b["images"] == 18
     # the same weights (best.pt = last.pt here) and the same set give the same numbers
     assert abs(a["auc"] - b["auc"]) < 1e-6 and abs(a["accuracy"] - b["accuracy"]) < 1e-6
+
+
+def test_checkpoint_written_with_the_old_key_names_still_loads(tmp_path, capsys):
+    import torch
+
+    from marginface.deploy.load import load_model
+    from marginface.train.checkpoint import load_backbone
+
+    cfg = load_config(None, ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=32",
+                             "data.synthetic.identities=8", "data.synthetic.images_per_identity=4",
+                             "train.batch_size=16", "train.max_steps=1", "data.val=[]", "train.amp=none",
+                             "data.input_norm=imagenet", "head.loss=cosface"])
+    run = tmp_path / "run"
+    Trainer(cfg, run, console=False).fit()
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    saved = ckpt["config"]
+    assert saved["head"]["loss"] == "cosface" and saved["data"]["input_norm"] == "imagenet"
+    saved["head"]["margin"] = saved["head"].pop("loss")  # as written before the rename
+    saved["data"]["normalize"] = saved["data"].pop("input_norm")
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert load_model(str(old)).info.normalize == "imagenet"
+    assert load_backbone(str(old)).info.normalize == "imagenet"
