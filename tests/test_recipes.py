@@ -303,7 +303,7 @@ def test_recipe_2_vggface2_cosface_then_eval_prints_the_openvino_figures(data, t
                    *QUARTER, "train.max_steps=4")
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["model"]["backbone"] == "mobilefacenet_se"
-    assert resolved["head"] == {**resolved["head"], "margin": "cosface", "params": {"s": 30.0, "m": 0.35}}
+    assert resolved["head"] == {**resolved["head"], "loss": "cosface", "params": {"s": 30.0, "m": 0.35}}
     assert report["model"]["num_classes"] == 16 and "lfw" in report["eval"]
     capsys.readouterr()
     assert run("eval", "--model", out, "--sets", data["lfw"], "--no-plots") == 0
