@@ -15,20 +15,20 @@ from marginface.config import load_config
 from marginface.train.trainer import Trainer
 
 VARIANTS = {
-    "softmax": ["head.margin=softmax"],
-    "sphereface": ["head.margin=sphereface"],
-    "cosface": ["head.margin=cosface"],
-    "arcface": ["head.margin=arcface"],
-    "combined": ["head.margin=combined"],
-    "sv_softmax": ["head.margin=sv_softmax"],
-    "sv_softmax (cosface base)": ["head.margin=sv_softmax", "head.params={base: cosface}"],
-    "focal + arcface": ["head.margin=arcface", "head.focal_gamma=2"],
-    "softmax + center": ["head.margin=softmax", "head.center_weight=0.01"],
-    "sub-center arcface (K=3)": ["head.margin=arcface", "head.num_subcenters=3"],
-    "curricularface": ["head.margin=curricularface"],
-    "adaface": ["head.margin=adaface"],
-    "magface": ["head.margin=magface"],
-    "pair_bce": ["head.margin=pair_bce", "data.samples_per_identity=4"],
+    "softmax": ["head.loss=softmax"],
+    "sphereface": ["head.loss=sphereface"],
+    "cosface": ["head.loss=cosface"],
+    "arcface": ["head.loss=arcface"],
+    "combined": ["head.loss=combined"],
+    "sv_softmax": ["head.loss=sv_softmax"],
+    "sv_softmax (cosface base)": ["head.loss=sv_softmax", "head.params={base: cosface}"],
+    "focal + arcface": ["head.loss=arcface", "head.focal_gamma=2"],
+    "softmax + center": ["head.loss=softmax", "head.center_weight=0.01"],
+    "sub-center arcface (K=3)": ["head.loss=arcface", "head.num_subcenters=3"],
+    "curricularface": ["head.loss=curricularface"],
+    "adaface": ["head.loss=adaface"],
+    "magface": ["head.loss=magface"],
+    "pair_bce": ["head.loss=pair_bce", "data.samples_per_identity=4"],
 }
 
 

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import runpy
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,16 @@ import math
 import yaml
 
 from marginface.data.textfiles import read_text
+from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
-from marginface.heads import build_loss_head
+from marginface.heads import build_loss_head, loss_head_names
+from marginface.heads.partial_fc import DTYPES, SHARD_DTYPES
+from marginface.models.registry import BACKBONES
+from marginface.train.optim import OPTIMIZERS  # below config in the package order (tests/test_layering.py)
+from marginface.train.schedule import SCHEDULES  # idem
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (auto: bf16 on CPUs that have it, fp16 on CUDA)
+VAL_ALIGN = ("auto", "detect")  # data.val_align
 
 
 @dataclass
@@ -37,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    margin: str = "arcface"
+    loss: str = "arcface"  # a margin (arcface, cosface, ...) or a pair loss (pair_bce); was head.margin
     params: dict = field(default_factory=dict)  # the margin's own parameters (s, m, ...): see docs/losses.md
     sample_rate: float = 1.0  # Partial FC: fraction of negative classes per step (1.0 = every class)
     shard_dtype: str = "fp32"  # Partial FC: storage of the classifier shard + its optimizer state (fp32 | bf16)
@@ -46,6 +55,15 @@ class HeadConfig:
     focal_gamma: float = 0.0
     center_weight: float = 0.0  # > 0 adds center loss (Wen et al. 2016)
     center_lr: float = 0.5
+
+    @property
+    def margin(self) -> str:
+        """The old name of `loss` (``head.margin`` in files, ``--set`` and old checkpoints still works)."""
+        return self.loss
+
+    @margin.setter
+    def margin(self, value: str) -> None:
+        self.loss = value
 
 
 @dataclass
@@ -65,11 +83,20 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 2
     flip: bool = True
-    normalize: str = "arcface"
+    input_norm: str = "arcface"  # pixel normalisation: arcface ((x-127.5)/127.5) | imagenet; was data.normalize
     skip_bad_images: bool = True
     samples_per_identity: int = 0  # K > 0: batches of P identities x K images (pair losses); 0 = random
     val_sample_pairs: int = 2000  # an identity folder in data.val: sample this many balanced pairs from it
     val_align: str = "auto"  # LFW dirs: auto = landmarks.txt if present, else as is; detect = MTCNN + align
+
+    @property
+    def normalize(self) -> str:
+        """The old name of `input_norm` (``data.normalize`` in files, ``--set`` and old checkpoints still works)."""
+        return self.input_norm
+
+    @normalize.setter
+    def normalize(self, value: str) -> None:
+        self.input_norm = value
 
 
 @dataclass
@@ -103,7 +130,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | none | bf16 | fp16 (auto: bf16 on CPUs that have it, fp16 on CUDA)
     channels_last: bool = True
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer)
-    compile: bool = False  # torch.compile the backbone (inductor; ~1-2 min of compiling on 2 CPU cores)
+    compile: bool = False  # torch.compile the backbone (inductor; compile time: docs/performance.md)
     fast_layers: bool = True  # CPU: PReLU with a fast backward, grouped convs fp32 under bf16 (models/layers.py)
     cpu_keep_memory: bool = True  # CPU: glibc keeps freed memory during fit (no page faults per step)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -218,10 +245,58 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
+# Renamed keys: old dotted key -> new one. Config files, ``--set`` overrides and the configs saved in
+# older checkpoints and run directories may use the old name; it is read as the new one, with a
+# one-line notice on stderr (once per key and process). Giving both with different values is an error.
+RENAMED_KEYS = {"head.margin": "head.loss", "data.normalize": "data.input_norm"}
+_NOTIFIED: set = set()
+
+
+def _rename_notice(old: str, new: str, where: str) -> None:
+    if old not in _NOTIFIED:
+        _NOTIFIED.add(old)
+        print(f"warning: {where}config key '{old}' is deprecated; it is read as '{new}' (rename it)",
+              file=sys.stderr, flush=True)
+
+
+def renamed_key(key: str, where: str = "") -> str:
+    """The current name of dotted ``key`` (``head.margin`` -> ``head.loss``, with the notice)."""
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return key
+    _rename_notice(key, new, where)
+    return new
+
+
+def migrate_renamed(data: Any, where: str = "") -> Any:
+    """A copy of a top-level config mapping with renamed keys under their current names."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        section, old_name = old.split(".")
+        new_name = new.split(".")[1]
+        body = out.get(section)
+        if not isinstance(body, dict) or old_name not in body:
+            continue
+        body = dict(body)
+        value = body.pop(old_name)
+        if new_name in body and body[new_name] != value:
+            raise UserError(f"{where}config keys '{old}' (the old name) and '{new}' are both given, with different "
+                            f"values ({value!r}, {body[new_name]!r}); keep only '{new}'")
+        _rename_notice(old, new, where)
+        body.setdefault(new_name, value)
+        out[section] = body
+    return out
+
+
 def from_dict(cls: type, data: dict, prefix: str = "", where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (partial) nested dict; every key and type is checked."""
+    """Build dataclass ``cls`` from a (partial) nested dict; every key and type is checked.
+    Renamed keys (`RENAMED_KEYS`) are read under their new names."""
     if not isinstance(data, dict):
         raise UserError(f"{where}config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    if cls is Config and not prefix:
+        data = migrate_renamed(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -367,11 +442,12 @@ def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()
 
 def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: str = "") -> Config:
     """`load_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
-    data = copy.deepcopy(data)
+    data = migrate_renamed(copy.deepcopy(data), where)  # old key names -> new, so an override of either wins
     # check the file alone first so its errors name the file
     _check_values(from_dict(Config, data, where=where), where)
     for text in overrides:
         key, value = parse_override(text)
+        key = renamed_key(key, "--set: ")
         _check_override_key(key)
         _set_dotted(data, key, value)
     cfg = from_dict(Config, data)
@@ -390,10 +466,10 @@ INT_RANGES = {
     "train.batch_size": (1, 1 << 20),
     "train.grad_accum": (1, 4096),
     "eval.batch_size": (1, 1 << 20),
-    "synthetic.identities": (1, 10_000_000),
-    "synthetic.images_per_identity": (1, 100_000),
-    "synthetic.val_identities": (0, 10_000_000),
-    "synthetic.val_images_per_identity": (0, 100_000),
+    "data.synthetic.identities": (1, 10_000_000),
+    "data.synthetic.images_per_identity": (1, 100_000),
+    "data.synthetic.val_identities": (0, 10_000_000),
+    "data.synthetic.val_images_per_identity": (0, 100_000),
 }
 FLOAT_RANGES = {
     "model.width_mult": (1e-3, 16.0),
@@ -440,6 +516,9 @@ def validate(cfg: Config) -> None:
             raise UserError(msg)
 
 
+    def one_of(key: str, value: str, names) -> None:
+        need(value in names, f"config key '{key}' must be one of {', '.join(names)}, got {value!r}")
+
     need(cfg.train.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
     need(cfg.train.log_every >= 1, f"config key 'train.log_every' must be >= 1, got {cfg.train.log_every}")
@@ -447,29 +526,28 @@ def validate(cfg: Config) -> None:
          f"config key 'train.checkpoint_every' must be >= 1, got {cfg.train.checkpoint_every}")
     need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     _check_values(cfg)
-    need(cfg.train.grad_accum >= 1, f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")
-    need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
-    need(cfg.optim.name in ("sgd", "adamw"), f"config key 'optim.name' must be sgd or adamw, got {cfg.optim.name!r}")
-    need(cfg.schedule.name in ("poly", "cosine", "step", "constant"),
-         f"config key 'schedule.name' must be poly, cosine, step or constant, got {cfg.schedule.name!r}")
-    need(cfg.data.val_align in ("auto", "detect"),
-         f"config key 'data.val_align' must be auto or detect, got {cfg.data.val_align!r}")
-    need(cfg.train.amp in ("auto", "none", "bf16", "fp16"),
-         f"config key 'train.amp' must be auto, none, bf16 or fp16, got {cfg.train.amp!r}")
+    # names come from the registries of their owners (the CLI's choices and the tests read the same ones)
+    one_of("model.backbone", cfg.model.backbone, list(BACKBONES))
+    one_of("head.loss", cfg.head.loss, loss_head_names())
+    one_of("optim.name", cfg.optim.name, list(OPTIMIZERS))
+    one_of("schedule.name", cfg.schedule.name, list(SCHEDULES))
+    one_of("head.shard_dtype", cfg.head.shard_dtype, list(SHARD_DTYPES))
+    one_of("head.compute_dtype", cfg.head.compute_dtype, list(DTYPES))
+    one_of("data.input_norm", cfg.data.input_norm, list(NORMALIZATIONS))
+    one_of("data.val_align", cfg.data.val_align, VAL_ALIGN)
+    one_of("train.amp", cfg.train.amp, AMP_MODES)
     need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
-    need(cfg.head.shard_dtype in ("fp32", "bf16"),
-         f"config key 'head.shard_dtype' must be fp32 or bf16, got {cfg.head.shard_dtype!r}")
-    need(cfg.head.compute_dtype in ("fp32", "fp16", "bf16"),
-         f"config key 'head.compute_dtype' must be fp32, fp16 or bf16, got {cfg.head.compute_dtype!r}")
     need(cfg.model.input_size % 8 == 0 and cfg.model.input_size >= 16,
          f"config key 'model.input_size' must be a multiple of 8 (>= 16), got {cfg.model.input_size}")
     need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
     # the loss head checks its own parameters (names and values) and says which are valid
-    build_loss_head(cfg.head.margin, 8, 2, cfg.head.params)
-    need(cfg.head.margin != "pair_bce" or cfg.data.samples_per_identity >= 2,
-         "head.margin = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
+    h = cfg.head
+    build_loss_head(h.loss, 8, 2, h.params, num_subcenters=h.num_subcenters, focal_gamma=h.focal_gamma,
+                    sample_rate=h.sample_rate, shard_dtype=h.shard_dtype, compute_dtype=h.compute_dtype)
+    need(cfg.head.loss != "pair_bce" or cfg.data.samples_per_identity >= 2,
+         "head.loss = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 
 
 def dump_yaml(cfg: Config) -> str:

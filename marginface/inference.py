@@ -30,6 +30,20 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SIDE = 4096  # an input side beyond this is not a face crop
 
 
+def resolve_device(name: Union[str, "torch.device"], where: str = "device") -> "torch.device":
+    """The one device resolver (training's ``train.device``, ``eval --device``, ...): ``"auto"`` is
+    CUDA when available, else the CPU; anything else must be a torch device that exists here.
+    Errors are one line starting with ``where`` (the config key or flag that named it)."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{where} is not a device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{where} asks for {name} but CUDA is not available")
+    return device
+
 def check_normalize(name: Optional[str], where: str = "normalize") -> Optional[str]:
     """``name`` if it is a normalisation marginface knows (or None); else a `UserError` naming it."""
     if name is not None and name not in NORMALIZE_NAMES:

@@ -18,6 +18,15 @@ identities (``marginface.data.synthetic``) with a small ``mbf``, and writes
   class centroid / mean distance between class centroids (lower = tighter clusters).
 
 Rendering uses matplotlib's Agg backend (no display needed).
+
+Training pieces: the optimizer comes from the trainer's `marginface.train.setup.build_optimizer`
+(the same param groups and centre-loss learning rate) and the learning rate from its schedule
+(`marginface.train.schedule.lr_factor`, cosine without warmup); the head from
+`marginface.heads.build_head`. The loop itself is not `marginface.train.trainer.Trainer`, on
+purpose: the figure needs two runs from identical initial weights and identical batches that
+differ only in the loss, a feature snapshot every few steps for the GIF, a centre-loss weight
+ramped in over the first half (centres start at 0 and would collapse the classes), and no run
+directory, checkpoints or evaluation sets; the Trainer owns all of those the other way round.
 """
 from __future__ import annotations
 
@@ -28,12 +37,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from marginface.config import OptimConfig, ScheduleConfig
 from marginface.data.dataset import normalize_batch
 from marginface.data.synthetic import SyntheticSource
 from marginface.errors import UserError
 from marginface.heads import CenterLoss, build_head
 from marginface.io.atomic import atomic_write, atomic_write_json, ensure_dir
 from marginface.models import build_backbone
+from marginface.train.schedule import lr_factor
+from marginface.train.setup import build_optimizer
 
 
 @dataclass
@@ -110,21 +122,18 @@ def train_2d(images: torch.Tensor, labels: torch.Tensor, options: VizOptions, *,
     torch.manual_seed(options.seed)
     backbone = build_backbone("mbf", embedding_size=2, input_size=options.input_size, width_mult=options.width_mult)
     head = build_head("softmax", 2, num_classes, normalize=False)  # plain softmax: logits = x . W^T
-    groups = [{"params": list(backbone.parameters()) + list(head.parameters()), "lr": options.lr}]
-    center_loss = None
-    if center:
-        center_loss = CenterLoss(num_classes, 2)
-        # the centres' gradient arrives scaled by center_weight: lr = alpha / lambda gives alpha as the update rate
-        groups.append({"params": list(center_loss.parameters()), "lr": options.center_lr / options.center_weight,
-                       "weight_decay": 0.0})
-    optimizer = torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    center_loss = CenterLoss(num_classes, 2) if center else None
+    # the trainer's optimizer (param groups; the centres' group at lr = alpha / lambda, no weight decay)
+    optim = OptimConfig(name="sgd", lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    optimizer = build_optimizer(optim, backbone, head, center_loss, options.center_lr, options.center_weight)
+    schedule = ScheduleConfig(name="cosine", warmup_steps=0, min_lr=0.0)  # and the trainer's schedule
     rng = np.random.default_rng(options.seed)
     snapshots = [(0, _embed(backbone, images))]
     backbone.train()
-    bases = [g["lr"] for g in optimizer.param_groups]
     for step in range(1, options.steps + 1):
-        for g, base in zip(optimizer.param_groups, bases):
-            g["lr"] = base * 0.5 * (1 + np.cos(np.pi * (step - 1) / options.steps))  # cosine decay
+        factor = lr_factor(step - 1, options.steps, schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
         idx = torch.from_numpy(rng.choice(len(images), size=min(options.batch_size, len(images)), replace=False))
         batch = images[idx]
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)

@@ -71,7 +71,7 @@ def test_python_config_file(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config(None, ["optim.lr=0.02", "head.margin=cosface"])
+    cfg = load_config(None, ["optim.lr=0.02", "head.loss=cosface"])
     path = tmp_path / "config.yaml"
     path.write_text(dump_yaml(cfg))
     assert to_dict(load_config(str(path))) == to_dict(cfg)
@@ -96,3 +96,63 @@ def test_published_recipes_load(name):
     assert cfg.model.embedding_size == 512
     # the fast-CPU choices of the synthetic default must not leak into real recipes
     assert (cfg.model.width_mult, cfg.model.input_size) == (1.0, 112)
+
+
+# ------------------------------------------------------------------ renamed keys (head.margin -> head.loss,
+# data.normalize -> data.input_norm): old files, --set and checkpoint configs keep working
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    import marginface.config as config_module
+
+    monkeypatch.setattr(config_module, "_NOTIFIED", set())
+
+
+def test_old_key_names_in_a_file_and_in_overrides_still_work(tmp_path, capsys, fresh_notices):
+    old = tmp_path / "old.yaml"
+    old.write_text("head:\n  margin: cosface\ndata:\n  normalize: imagenet\n")
+    cfg = load_config(str(old))
+    assert (cfg.head.loss, cfg.data.input_norm) == ("cosface", "imagenet")
+    err = capsys.readouterr().err
+    assert "'head.margin' is deprecated" in err and "'head.loss'" in err
+    assert "'data.normalize' is deprecated" in err and "'data.input_norm'" in err
+    assert len(err.strip().splitlines()) == 2  # one line per renamed key
+    # an override under either name wins over the file's value under either name
+    assert load_config(str(old), ["head.loss=arcface"]).head.loss == "arcface"
+    assert load_config(None, ["head.margin=sphereface"]).head.loss == "sphereface"
+    assert load_config(None, ["data.normalize=imagenet"]).data.input_norm == "imagenet"
+    assert capsys.readouterr().err == ""  # the notice comes once per key and process
+
+
+def test_old_checkpoint_config_loads(tmp_path, fresh_notices):
+    from marginface.config import from_dict
+
+    saved = to_dict(load_config(None))
+    saved["head"]["margin"] = saved["head"].pop("loss")
+    saved["data"]["normalize"] = saved["data"].pop("input_norm")
+    saved["head"]["margin"], saved["data"]["normalize"] = "magface", "imagenet"
+    cfg = from_dict(Config, saved, where="old.pt: ")
+    assert (cfg.head.loss, cfg.data.input_norm) == ("magface", "imagenet")
+    assert (cfg.head.margin, cfg.data.normalize) == ("magface", "imagenet")  # attribute aliases for code
+
+
+def test_old_and_new_name_with_different_values_is_an_error(tmp_path, fresh_notices):
+    both = tmp_path / "both.yaml"
+    both.write_text("head:\n  margin: cosface\n  loss: arcface\n")
+    with pytest.raises(UserError, match=r"both.yaml: config keys 'head.margin' \(the old name\) and 'head.loss'"):
+        load_config(str(both))
+    same = tmp_path / "same.yaml"
+    same.write_text("head:\n  margin: cosface\n  loss: cosface\n")
+    assert load_config(str(same)).head.loss == "cosface"
+
+
+def test_saved_configs_use_the_new_names():
+    text = dump_yaml(load_config(None, ["head.loss=cosface"]))
+    assert "loss: cosface" in text and "input_norm:" in text
+    assert "margin:" not in text.replace("easy_margin", "") and "normalize:" not in text
+
+
+def test_synthetic_sizes_have_their_ranges():
+    with pytest.raises(UserError, match=r"'data.synthetic.identities' must be an integer in 1..10000000, got 0"):
+        load_config(None, ["data.synthetic.identities=0"])

@@ -110,7 +110,7 @@ def checkpoint(tmp_path_factory):
     from marginface.train.setup import build_model
 
     cfg = load_config(None, ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=64",
-                             "data.normalize=imagenet", "model.pretrained=null"])
+                             "data.input_norm=imagenet", "model.pretrained=null"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"

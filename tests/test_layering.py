@@ -26,7 +26,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("marginface.hardware", "marginface.inference", "marginface.io", "marginface.jsonout", "marginface.malloc",
      "marginface.parallel"),
     # 2: the building blocks: data (sources, images, pair sets), backbones (+ graph rewrites), heads
-    ("marginface.data", "marginface.models", "marginface.heads"),
+    #    and the two registries config checks names against that live in train/: LR schedules (pure
+    #    functions of the step) and optimizer builders, which import nothing of ours but errors
+    ("marginface.data", "marginface.models", "marginface.heads", "marginface.train.schedule",
+     "marginface.train.optim"),
     # 3: the run description; validating it builds the loss head (the heads check their own
     #    parameters), so config sits above heads
     ("marginface.config",),

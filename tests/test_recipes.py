@@ -304,7 +304,7 @@ def test_recipe_2_vggface2_cosface_then_eval_prints_the_openvino_figures(data, t
                    *QUARTER, "train.max_steps=4")
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["model"]["backbone"] == "mobilefacenet_se"
-    assert resolved["head"] == {**resolved["head"], "margin": "cosface", "params": {"s": 30.0, "m": 0.35}}
+    assert resolved["head"] == {**resolved["head"], "loss": "cosface", "params": {"s": 30.0, "m": 0.35}}
     assert report["model"]["num_classes"] == 16 and "lfw" in report["eval"]
     capsys.readouterr()
     assert run("eval", "--model", out, "--sets", data["lfw"], "--no-plots") == 0
@@ -316,9 +316,9 @@ def test_recipe_2_vggface2_cosface_then_eval_prints_the_openvino_figures(data, t
 
 
 @pytest.mark.parametrize("loss", [
-    ["head.margin=arcface", "head.params={s: 30, m: 0.5}"],
-    ["head.margin=sphereface", "head.params={s: 30, m: 4}"],
-    ["head.margin=sv_softmax", "head.params={s: 30, t: 1.2, base: cosface, m: 0.35}"],
+    ["head.loss=arcface", "head.params={s: 30, m: 0.5}"],
+    ["head.loss=sphereface", "head.params={s: 30, m: 4}"],
+    ["head.loss=sv_softmax", "head.params={s: 30, t: 1.2, base: cosface, m: 0.35}"],
     ["head.focal_gamma=2"],
 ], ids=["arcface", "sphereface", "sv_softmax", "focal"])
 def test_recipe_2_loss_switched_from_the_command_line(loss, data, tmp_path):
@@ -358,7 +358,7 @@ def test_recipe_3_casia_folder_three_bins_and_identification(data, tmp_path):
 def test_recipe_3_softmax_plus_center_loss_row(data, tmp_path):
     out = tmp_path / "run"
     train("recipe_casia_benchmark", out, *stand_in_sets("recipe_casia_benchmark", data), *SMALL, *QUARTER,
-          "train.max_steps=2", "data.val=[]", "head.margin=softmax", "head.params={s: 64}", "head.center_weight=0.003")
+          "train.max_steps=2", "data.val=[]", "head.loss=softmax", "head.params={s: 64}", "head.center_weight=0.003")
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["center"]["centers"].shape == (24, 32) and ckpt["center"]["centers"].abs().sum() > 0
 
@@ -421,7 +421,7 @@ def test_recipe_5_finetune_pretrained_frozen_then_unfrozen(data, tmp_path):
 def test_recipe_5_pair_bce_mode(data, tmp_path):
     out = tmp_path / "run"
     report = train("recipe_finetune_resnet50", out, *stand_in_sets("recipe_finetune_resnet50", data), *SMALL,
-                   "train.max_steps=3", "train.freeze_backbone_epochs=0", "head.margin=pair_bce", "head.params={}",
+                   "train.max_steps=3", "train.freeze_backbone_epochs=0", "head.loss=pair_bce", "head.params={}",
                    "data.samples_per_identity=4")
     assert report["train"]["steps"] == 3 and report["best"]["metric"] == "val/tar@1e-2"
     assert {"mean_negative_cosine", "pairs"} <= set(log_records(out)[0])

@@ -40,12 +40,12 @@ import torch
 from marginface.deploy.fold import regroup_thin_convs
 from marginface.deploy.modelfile import atomic_path
 from marginface.errors import UserError
-from marginface.inference import DEFAULT_NORMALIZE, InfoAttributes, ModelInfo
+from marginface.inference import DEFAULT_NORMALIZE, InfoAttributes, ModelInfo, PRECISIONS as INFERENCE_PRECISIONS
 from marginface.hardware import has_int8_dot_product, int8_weight_range, missing_features
 from marginface.io.trust import COMPILED, WHY
 from marginface.models.layers import set_fast_layers
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # the compiled subset of inference.PRECISIONS
 PACKAGE_METADATA = "marginface"  # key of our JSON in a .pt2 package's metadata
 DEFAULT_CHUNK = {"cpu": 16, "cuda": 128}  # images per compiled call when batch_size is None
 # the `ModelInfo` fields a package records (in its metadata, under these names since the first packages)

@@ -41,6 +41,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from marginface.errors import UserError
+from marginface.evaluate.identification import top_k_cosine  # the one top-k search lives in the lower layer
 from marginface.io.atomic import atomic_write
 
 FORMAT = "marginface-gallery-v1"
@@ -177,30 +178,6 @@ def _faiss():
         return faiss
     except Exception:
         return None
-
-
-def top_k_cosine(gallery: np.ndarray, queries: np.ndarray, k: int, *, chunk_size: int = 65536
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner products of unit ``queries`` (Q×D) against ``gallery`` (K×D), reading
-    the gallery ``chunk_size`` rows at a time. Results are ordered by similarity, then index."""
-    gallery = np.asarray(gallery, np.float32)
-    queries = np.asarray(queries, np.float32)
-    n, nq = len(gallery), len(queries)
-    k = min(k, n)
-    best_idx = np.zeros((nq, 0), np.int64)
-    best_sim = np.zeros((nq, 0), np.float32)
-    for start in range(0, n, max(1, int(chunk_size))):
-        sims = queries @ gallery[start : start + chunk_size].T  # Q×c
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else np.tile(np.arange(sims.shape[1]), (nq, 1))
-        cand_sim = np.take_along_axis(sims, part, axis=1)
-        all_idx = np.concatenate([best_idx, part + start], axis=1)
-        all_sim = np.concatenate([best_sim, cand_sim], axis=1)
-        # sort by similarity (desc), then index (asc) for deterministic ties
-        order = np.lexsort((all_idx, -all_sim), axis=1)[:, :k] if nq else np.zeros((0, k), np.int64)
-        best_idx = np.take_along_axis(all_idx, order, axis=1)
-        best_sim = np.take_along_axis(all_sim, order, axis=1)
-    return best_idx, best_sim
 
 
 # ---------------------------------------------------------------------------------------------- the SQLite store

@@ -139,6 +139,20 @@ def search(
     return best_v.cpu().numpy(), best_i.cpu().numpy()
 
 
+
+def top_k_cosine(gallery, queries, k: int, *, chunk_size: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The one exact top-``k`` cosine search for unit-length rows (the gallery store's form of
+    `search`): ``(indices Q×k int64, similarities Q×k float32)``, ordered by similarity, then
+    index; the gallery is read ``chunk_size`` rows at a time. An empty gallery or no queries give
+    empty results."""
+    g = np.asarray(gallery) if not isinstance(gallery, np.ndarray) else gallery
+    q = np.asarray(queries, np.float32)
+    k = max(0, min(int(k), len(g)))
+    if k == 0 or len(q) == 0:
+        return np.zeros((len(q), k), np.int64), np.zeros((len(q), k), np.float32)
+    scores, indices = search(q, g, k, chunk_size=max(1, int(chunk_size)), normalize=False)
+    return indices.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
 def enroll(features, identities: Sequence) -> tuple[np.ndarray, list]:
     """One template per identity: mean of the L2-normalised features, normalised again.
 

@@ -18,15 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
 from marginface.evaluate.ijb import evaluate_ijb, is_ijb_dir
-from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, verification_metrics
 from marginface.evaluate.plots import plot_roc, plot_score_histograms
-from marginface.evaluate.runner import embed_views, l2_normalize, pair_scores
+from marginface.evaluate.runner import evaluate_pair_set
 from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write_text, ensure_dir
 from marginface.jsonout import json_safe  # one implementation; re-exported here
@@ -38,17 +36,6 @@ Curves = dict  # set name -> (scores, issame)
 # running the suite
 
 
-def _views_metrics(views: Sequence[np.ndarray], pairs: np.ndarray, issame: np.ndarray, nfolds: int) -> tuple[dict, np.ndarray]:
-    """Verification metrics of the sum of ``views`` (1 view: plain, 2: flip-sum) plus insightface's
-    ``xnorm`` (mean L2 norm of each view's embeddings before summing)."""
-    as64 = [v.astype(np.float64) for v in views]
-    xnorm = float(np.mean(np.concatenate([np.linalg.norm(v, axis=1) for v in as64])))
-    scores = pair_scores(l2_normalize(np.sum(as64, axis=0)), pairs)
-    metrics = verification_metrics(scores, issame, nfolds=min(nfolds, len(pairs)), far_targets=DEFAULT_FAR_TARGETS)
-    metrics["xnorm"] = xnorm
-    return metrics, scores
-
-
 SUITE_OPTIONS = EmbedOptions(batch_size=128)  # the defaults of `evaluate_suite` and its parts
 
 
@@ -56,31 +43,12 @@ def evaluate_pair_set_both(model, pair_set, *, options: Optional[EmbedOptions] =
                            batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
                            normalize: Optional[str] = None, amp_dtype: Optional[torch.dtype] = None,
                            nfolds: Optional[int] = None) -> tuple[dict, tuple]:
-    """Metrics with flip-sum (top level) and without (``noflip``) from one embedding pass.
-
-    Returns ``(metrics, (flip scores, issame))``. With ``flip=False`` there is one result, the plain
-    one, at the top level and ``"flip": false``. ``options`` (`EmbedOptions`, batch 128 by
-    default); the loose keywords override it. ``nfolds``: default the folds the set's file
-    declares (`PairSet.folds_for`), else 10.
-    """
-    if pair_set.issame is None:
-        raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
-    if len(pair_set) == 0:
-        raise UserError(f"pair set {pair_set.name!r} has no pairs")
+    """`marginface.evaluate.runner.evaluate_pair_set` with ``return_scores`` and the suite's
+    defaults (`SUITE_OPTIONS`, batch 128): ``(metrics, (scores, issame))``. The one pair-set
+    evaluation is the runner's; training and ``marginface eval`` report the same keys."""
     options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
-    nfolds = pair_set.folds_for() if nfolds is None else nfolds
-    plain, mirrored = embed_views(model, pair_set.images, options=options)
-    noflip, noflip_scores = _views_metrics([plain], pair_set.pairs, pair_set.issame, nfolds)
-    if mirrored is None:
-        result, scores = noflip, noflip_scores
-    else:
-        result, scores = _views_metrics([plain, mirrored], pair_set.pairs, pair_set.issame, nfolds)
-        result["noflip"] = {k: v for k, v in noflip.items() if k not in ("pairs", "nfolds")}
-    result["flip"] = mirrored is not None
-    result["name"] = pair_set.name
-    result["images"] = int(len(pair_set.images))
-    return result, (scores, pair_set.issame)
+    return evaluate_pair_set(model, pair_set, options=options, nfolds=nfolds, return_scores=True)
 
 
 def _unique_name(name: str, taken: Mapping) -> str:

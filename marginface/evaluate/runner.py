@@ -71,8 +71,8 @@ def _inference_model(model: Model) -> tuple[Model, bool]:
     For an ``nn.Module`` (already in eval mode): a torch.fx copy with every Conv+BatchNorm folded
     into one convolution and thin-group convolutions regrouped (`deploy.fold.regroup_thin_convs`;
     the same function up to float rounding; the caller's model is untouched) fed with channels_last
-    inputs, which oneDNN/cuDNN run about twice as fast for depthwise-heavy nets such as
-    MobileFaceNet (see ``benchmarks/eval_speed.py``). A module that cannot be folded runs as it
+    inputs, which oneDNN/cuDNN run faster for depthwise-heavy nets such as MobileFaceNet
+    (figures: docs/performance.md, ``benchmarks/eval_speed.py``). A module that cannot be folded runs as it
     is; other callables (ONNX wrappers) get plain contiguous inputs.
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
@@ -130,7 +130,7 @@ def embed_views(
     plain, mirrored = [], []
     with _eval_mode(model):
         net, channels_last = _inference_model(model) if optimize else (model, False)
-    # On the CPU, glibc would mmap/munmap every large activation: page faults cost 1.3-2x here.
+    # On the CPU, glibc would mmap/munmap every large activation; the page faults cost time (docs/performance.md).
     keep_memory = malloc.kept_freed_memory(torch.device(device).type == "cpu")
     with keep_memory, _eval_mode(net), torch.inference_mode(), _autocast(device, options.amp_dtype):
         for start in range(0, len(images), batch_size):
@@ -197,10 +197,24 @@ def score_pair_set(
         model, pair_set.images, options=options, batch_size=batch_size, flip=flip, device=device,
         normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
-    views = [plain] if mirrored is None else [plain, mirrored]
-    xnorm = float(np.mean(np.concatenate([np.linalg.norm(v.astype(np.float64), axis=1) for v in views])))
-    summed = np.sum([v.astype(np.float64) for v in views], axis=0)
-    return pair_scores(l2_normalize(summed), pair_set.pairs), xnorm
+    return _views_scores([plain] if mirrored is None else [plain, mirrored], pair_set.pairs)
+
+
+def _views_scores(views: list, pairs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Pair scores of the sum of ``views`` (1 view: plain, 2: flip-sum) and insightface's ``xnorm``
+    (mean L2 norm of each view's embeddings before summing); summed and normalised in float64, as
+    insightface does."""
+    as64 = [v.astype(np.float64) for v in views]
+    xnorm = float(np.mean(np.concatenate([np.linalg.norm(v, axis=1) for v in as64])))
+    return pair_scores(l2_normalize(np.sum(as64, axis=0)), pairs), xnorm
+
+
+def _views_metrics(views: list, pairs: np.ndarray, issame: np.ndarray, nfolds: int) -> tuple[dict, np.ndarray]:
+    """`verification_metrics` of the sum of ``views`` plus ``xnorm``; returns ``(metrics, scores)``."""
+    scores, xnorm = _views_scores(views, pairs)
+    metrics = verification_metrics(scores, issame, nfolds=min(nfolds, len(pairs)))
+    metrics["xnorm"] = xnorm
+    return metrics, scores
 
 
 def evaluate_pair_set(
@@ -215,26 +229,39 @@ def evaluate_pair_set(
     nfolds: Optional[int] = None,
     amp_dtype: Optional[torch.dtype] = None,
     stop: Optional[Callable[[], bool]] = None,
-) -> dict:
-    """`verification_metrics` of a labelled pair set plus ``xnorm`` and ``name``.
+    return_scores: bool = False,
+) -> Union[dict, tuple[dict, tuple[np.ndarray, np.ndarray]]]:
+    """The one evaluation of a labelled pair set, used by training and by ``marginface eval``.
+
+    Result (the ``eval.<set>`` object of report.json): `verification_metrics` of the flip-sum
+    embedding (``flip`` on) or of the plain one (``flip`` off) at the top level, plus ``xnorm``,
+    ``name``, ``images``, ``flip`` (bool) and, with ``flip``, a ``noflip`` block (the same metrics
+    without the mirror view, from the same forward passes; no ``pairs``/``nfolds``).
 
     ``nfolds`` (default: the folds the set's file declares, else 10) is lowered to the number of
     pairs when there are fewer pairs than folds (each fold then holds one pair); the value used is
     reported as ``nfolds``. ``stop``: see `embed_views`.
+    With ``return_scores`` the result is ``(metrics, (scores, issame))`` (the top-level scores).
     """
     if pair_set.issame is None:
         raise UserError(f"pair set {pair_set.name!r} has no same/different labels; it cannot be evaluated")
     if len(pair_set) == 0:
         raise UserError(f"pair set {pair_set.name!r} has no pairs")
-    scores, xnorm = score_pair_set(
-        model, pair_set, options=options, flip=flip, batch_size=batch_size, device=device,
+    plain, mirrored = embed_views(
+        model, pair_set.images, options=options, batch_size=batch_size, flip=flip, device=device,
         normalize=normalize, amp_dtype=amp_dtype, stop=stop,
     )
     nfolds = pair_set.folds_for() if nfolds is None else nfolds
-    metrics = verification_metrics(scores, pair_set.issame, nfolds=min(nfolds, len(pair_set)))
-    metrics["xnorm"] = xnorm
-    metrics["name"] = pair_set.name
-    return metrics
+    noflip, noflip_scores = _views_metrics([plain], pair_set.pairs, pair_set.issame, nfolds)
+    if mirrored is None:
+        result, scores = noflip, noflip_scores
+    else:
+        result, scores = _views_metrics([plain, mirrored], pair_set.pairs, pair_set.issame, nfolds)
+        result["noflip"] = {k: v for k, v in noflip.items() if k not in ("pairs", "nfolds")}
+    result["flip"] = mirrored is not None
+    result["name"] = pair_set.name
+    result["images"] = int(len(pair_set.images))
+    return (result, (scores, pair_set.issame)) if return_scores else result
 
 
 def evaluate_sets(model: Model, pair_sets: Iterable[PairSet], **kwargs) -> dict[str, dict]:

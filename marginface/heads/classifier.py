@@ -8,24 +8,15 @@ is the max over its K sub-centres; W row c*K + k is sub-centre k of class c.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import UserError
-from marginface.heads.margins import Softmax, build_margin
+from marginface.heads.base import HeadOutput, LossHead
+from marginface.heads.margins import Softmax
 
-
-@dataclass
-class HeadOutput:
-    """What a head returns: the scalar ``loss``, the scaled ``logits`` (after the margin) and
-    ``stats`` (python floats for logging: at least ``mean_target_cosine`` and ``accuracy``)."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
+__all__ = ["Classifier", "HeadOutput", "focal_loss"]  # HeadOutput lives in heads/base.py; re-exported here
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -38,7 +29,7 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torc
     return -(weight * logp_t).mean()
 
 
-class Classifier(nn.Module):
+class Classifier(LossHead):
     """Full-FC classifier: ``weight`` (num_classes*K × D, init N(0, 0.01)) + a margin module.
 
     forward(embeddings N×D, labels N) -> HeadOutput. The feature norms ``||emb||`` go to the margin
@@ -127,9 +118,3 @@ class Classifier(nn.Module):
                 f"num_subcenters={self.num_subcenters}, focal_gamma={self.focal_gamma}, "
                 f"normalize={self.normalize}")
 
-
-def build_head(margin: str, embedding_size: int, num_classes: int, *, num_subcenters: int = 1,
-               focal_gamma: float = 0.0, normalize: bool = True, **margin_params: object) -> Classifier:
-    """`Classifier` with `build_margin(margin, **margin_params)`; classifier options are keyword-only."""
-    return Classifier(embedding_size, num_classes, build_margin(margin, **margin_params),
-                      num_subcenters=num_subcenters, focal_gamma=focal_gamma, normalize=normalize)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import UserError
-from marginface.heads.classifier import HeadOutput
+from marginface.heads.base import HeadOutput, LossHead
 
 
-class PairBCELoss(nn.Module):
+class PairBCELoss(LossHead):
     """BCE(sigmoid(scale * cos + bias), same identity) over in-batch pairs (see module doc).
 
     Params: ``scale`` = 10.0 (fixed), ``bias`` = 0.0 (initial value; a learnable parameter when

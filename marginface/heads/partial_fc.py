@@ -40,11 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import UserError
-from marginface.heads.classifier import HeadOutput
+from marginface.heads.base import HeadOutput, LossHead
 from marginface.heads.margins.base import Margin
 from marginface import parallel as D
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # head.compute_dtype
+# head.shard_dtype: fp16 storage would underflow small gradients (use head.compute_dtype=fp16)
+SHARD_DTYPES = tuple(k for k in DTYPES if k != "fp16")
 # Below this many weight elements the initial weights are drawn from the global torch RNG exactly as
 # `Classifier` draws them (every rank draws the full matrix and keeps its rows), so a distributed
 # run starts from the very weights of the single-process run. Above it (2^28 fp32 = 1 GiB) each
@@ -156,7 +158,7 @@ def _needs_target_column(margin: nn.Module) -> bool:
     return isinstance(margin, Margin) and type(margin).negatives is not Margin.negatives
 
 
-class PartialFC(nn.Module):
+class PartialFC(LossHead):
     """Sharded, sampled class centres + a margin; forward(local embeddings, local labels) -> HeadOutput.
 
     ``weight`` holds this rank's classes ``class_range`` (``(end-start)*K × D``; row ``c*K + k``
@@ -166,6 +168,8 @@ class PartialFC(nn.Module):
     The returned ``loss`` is the global loss (identical on every rank); its gradient is this
     rank's part (see marginface.train.distributed). ``logits`` are this rank's sampled columns.
     """
+
+    sharded = True  # the weight holds this rank's classes; checkpoints hold per-rank shards
 
     def __init__(self, embedding_size: int, num_classes: int, margin: nn.Module, *, sample_rate: float = 1.0,
                  num_subcenters: int = 1, focal_gamma: float = 0.0, rank: int = 0, world_size: int = 1,
@@ -179,11 +183,12 @@ class PartialFC(nn.Module):
             raise UserError(f"partial fc: sample_rate must be in (0, 1], got {sample_rate!r}")
         if num_classes < world_size:
             raise UserError(f"partial fc: {num_classes} classes cannot be sharded over {world_size} ranks")
-        if shard_dtype not in ("fp32", "bf16"):
-            raise UserError(f"config key 'head.shard_dtype' must be fp32 or bf16, got {shard_dtype!r} "
+        if shard_dtype not in SHARD_DTYPES:
+            raise UserError(f"config key 'head.shard_dtype' must be one of {', '.join(SHARD_DTYPES)}, got {shard_dtype!r} "
                             "(fp16 storage would underflow small gradients; use head.compute_dtype=fp16)")
         if compute_dtype not in DTYPES:
-            raise UserError(f"config key 'head.compute_dtype' must be fp32, fp16 or bf16, got {compute_dtype!r}")
+            raise UserError(f"config key 'head.compute_dtype' must be one of {', '.join(DTYPES)}, "
+                            f"got {compute_dtype!r}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.num_subcenters = num_subcenters

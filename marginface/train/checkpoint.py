@@ -85,7 +85,7 @@ def load_backbone(model_path: str, prefer: str = "best"):
     model.eval()
     threshold, threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
     model.info = ModelInfo(input_size=cfg.model.input_size, embedding_size=model.embedding_size,
-                           normalize=cfg.data.normalize, threshold=threshold, threshold_source=threshold_source,
+                           normalize=cfg.data.input_norm, threshold=threshold, threshold_source=threshold_source,
                            source=str(path), kind="checkpoint", precision="fp32", backbone=cfg.model.backbone)
     model.normalize = model.info.normalize
     model.checkpoint_path = str(path)

@@ -1,5 +1,8 @@
 """Build the pieces of a run from a Config: device, AMP dtype, data, backbone, head, optimizer.
 
+The loss head comes from the one head builder, `marginface.heads.build_loss_head` (`build_head`
+passes it the ``head`` section); the optimizer from the `OPTIMIZERS` registry.
+
 Each builder takes exactly the config sections it needs, so the library can be used piecewise.
 """
 from __future__ import annotations
@@ -17,14 +20,16 @@ from marginface.data.sources import open_source
 from marginface.data.synthetic import SyntheticSource, synthetic_pair_set
 from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
+from marginface import inference
 from marginface.hardware import has_fast_bf16
-from marginface.heads import build_loss_head, build_margin
+from marginface.heads import LossHead, build_loss_head
 from marginface.heads.center import CenterLoss
-from marginface.heads.margins import MARGINS
-from marginface.heads.partial_fc import PartialFC
 from marginface.models import build_backbone
 from marginface.models.pretrained import load_pretrained
+from marginface.train import optim
 from marginface.train.batches import BatchOrder
+
+OPTIMIZERS = optim.OPTIMIZERS  # name -> builder: the registry of optim.name (defined in train/optim.py, below config)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -37,15 +42,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config key 'train.device' is not a device: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"config key 'train.device' asks for {name} but CUDA is not available")
-    return device
+    """``train.device`` -> the device (`marginface.inference.resolve_device`, the one resolver)."""
+    return inference.resolve_device(name, "config key 'train.device'")
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -79,25 +77,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def build_classifier(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0,
-                     world_size: int = 1, seed: int = 0) -> nn.Module:
-    """The loss head: a margin classifier (``head.margin`` = arcface, ...) or the pair loss (pair_bce).
+def build_head(cfg: HeadConfig, embedding_size: int, num_classes: int, *, rank: int = 0, world_size: int = 1,
+               seed: int = 0) -> LossHead:
+    """`marginface.heads.build_loss_head` with the ``head`` section's options (it picks Partial FC)."""
+    return build_loss_head(cfg.loss, embedding_size, num_classes, cfg.params, **head_options(cfg),
+                           rank=rank, world_size=world_size, seed=seed)
 
-    Under torchrun (``world_size`` > 1), with ``head.sample_rate`` < 1 or a non-fp32
-    ``head.shard_dtype`` / ``head.compute_dtype`` the classifier is Partial FC (rank ``rank``'s
-    shard; see marginface.heads.partial_fc); otherwise the single-process full FC.
-    """
-    pfc = (world_size > 1 or cfg.sample_rate < 1.0 or cfg.shard_dtype != "fp32" or cfg.compute_dtype != "fp32")
-    if pfc and cfg.margin in MARGINS:
-        return PartialFC(embedding_size, num_classes, build_margin(cfg.margin, **cfg.params),
-                         sample_rate=cfg.sample_rate, num_subcenters=cfg.num_subcenters,
-                         focal_gamma=cfg.focal_gamma, rank=rank, world_size=world_size, seed=seed,
-                         shard_dtype=cfg.shard_dtype, compute_dtype=cfg.compute_dtype)
-    if world_size > 1:
-        raise UserError(f"head.margin={cfg.margin!r} is not a margin classifier; distributed training "
-                        "(torchrun) shards a margin classifier (Partial FC) and supports only those")
-    return build_loss_head(cfg.margin, embedding_size, num_classes, cfg.params,
-                           num_subcenters=cfg.num_subcenters, focal_gamma=cfg.focal_gamma)
+
+def head_options(cfg: HeadConfig) -> dict:
+    """The keyword options of `build_loss_head` the ``head`` section sets."""
+    return {"num_subcenters": cfg.num_subcenters, "focal_gamma": cfg.focal_gamma, "sample_rate": cfg.sample_rate,
+            "shard_dtype": cfg.shard_dtype, "compute_dtype": cfg.compute_dtype}
 
 
 def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) -> Optional[nn.Module]:
@@ -124,11 +114,7 @@ def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, cent
                        "weight_decay": 0.0, "name": "center"})
     for g in groups:
         g["initial_lr"] = g["lr"]
-    foreach = True
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, foreach=foreach)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+    return optim.build(groups, cfg)  # OPTIMIZERS[optim.name]; an unknown name is one line naming the key
 
 
 def build_train_source(cfg: DataConfig, image_size: int):
@@ -176,4 +162,4 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
 
 def describe_run(cfg: Config) -> str:
     return (f"{cfg.model.backbone} (emb {cfg.model.embedding_size}, {cfg.model.input_size}px) + "
-            f"{cfg.head.margin} on {cfg.data.train}")
+            f"{cfg.head.loss} on {cfg.data.train}")

@@ -142,10 +142,10 @@ class Trainer:
         self.backbone = setup.build_model(cfg.model).to(self.device)
         if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
             set_fast_layers(self.backbone, False)
-        self.head = setup.build_classifier(cfg.head, cfg.model.embedding_size, self.source.num_classes,
+        self.head = setup.build_head(cfg.head, cfg.model.embedding_size, self.source.num_classes,
                                            rank=self.dist.rank, world_size=self.dist.world_size,
                                            seed=cfg.train.seed).to(self.device)
-        self.sharded_head = hasattr(self.head, "class_range")  # Partial FC: checkpoints hold per-rank shards
+        self.sharded_head = self.head.sharded  # Partial FC: checkpoints hold per-rank shards
         self.center = setup.build_center_loss(cfg.head, cfg.model.embedding_size, self.source.num_classes)
         if self.center is not None:
             self.center.to(self.device)
@@ -155,9 +155,7 @@ class Trainer:
                                                cfg.head.center_lr, cfg.head.center_weight)
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        attach = getattr(self.head, "attach_optimizer", None)
-        if attach is not None:  # Partial FC with sampling: the optimizer updates only the sampled rows
-            attach(self.optimizer)
+        self.head.attach_optimizer(self.optimizer)  # Partial FC with sampling: the optimizer updates only sampled rows
         # DDP sums (not averages) the backbone gradients: each rank back-propagates its part of the global loss
         self.ddp = distributed.wrap_ddp(self.backbone, self.device) if self.dist.enabled else self.backbone
         self.forward_backbone = torch.compile(self.ddp) if cfg.train.compile else self.ddp
@@ -309,7 +307,7 @@ class Trainer:
         self._frozen = frozen  # a frozen backbone bypasses DDP (no gradients to reduce)
 
     def _forward_loss(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple:
-        x = normalize_batch(images_u8.to(self.device, non_blocking=True), self.cfg.data.normalize)
+        x = normalize_batch(images_u8.to(self.device, non_blocking=True), self.cfg.data.input_norm)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
@@ -332,9 +330,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
-        begin = getattr(self.head, "begin_step", None)
-        if begin is not None:
-            begin(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
+        self.head.begin_step(self.step)  # Partial FC draws its classes from (seed, step, micro-batch, rank)
         total, stats = 0.0, {}
         accum = len(micro_batches)
         for i, (images, labels) in enumerate(micro_batches):
@@ -386,7 +382,7 @@ class Trainer:
             for ps in self.val_sets:  # a stop signal ends the evaluation between two batches (EvaluationStopped)
                 results[ps.name] = evaluate_pair_set(self.backbone, ps, flip=self.cfg.eval.flip,
                                                      batch_size=self.cfg.eval.batch_size, device=self.device,
-                                                     normalize=self.cfg.data.normalize,
+                                                     normalize=self.cfg.data.input_norm,
                                                      stop=lambda: self._stop_signal is not None)
         finally:
             self.backbone.train(was_training)
@@ -424,7 +420,7 @@ class Trainer:
         self.last_eval_step = self.step
         self.logger.record("eval", self.step, {"eval": results})
         for name, m in results.items():
-            flat = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             flat.update({f"tar@{k}": v for k, v in m.get("tar_at_far", {}).items()})
             self.logger.scalars(self.step, flat, prefix=f"eval/{name}/")
         spec = self.best_metric

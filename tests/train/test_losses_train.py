@@ -16,11 +16,11 @@ TINY = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=12
 
 LOSSES = {
     "softmax": [], "arcface": [], "cosface": [], "sphereface": [], "combined": [], "sv_softmax": [],
-    "sv_softmax_cosface": ["head.margin=sv_softmax", "head.params={base: cosface}"],
+    "sv_softmax_cosface": ["head.loss=sv_softmax", "head.params={base: cosface}"],
     "curricularface": [], "adaface": [], "magface": [],
-    "focal_arcface": ["head.margin=arcface", "head.focal_gamma=2"],
-    "subcenter_arcface": ["head.margin=arcface", "head.num_subcenters=3"],
-    "softmax_center": ["head.margin=softmax", "head.center_weight=0.01"],
+    "focal_arcface": ["head.loss=arcface", "head.focal_gamma=2"],
+    "subcenter_arcface": ["head.loss=arcface", "head.num_subcenters=3"],
+    "softmax_center": ["head.loss=softmax", "head.center_weight=0.01"],
     "pair_bce": ["data.samples_per_identity=4"],
 }
 
@@ -28,9 +28,9 @@ LOSSES = {
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_loss_trains_above_chance(name, tmp_path):
     torch.set_num_threads(1)
-    extra = LOSSES[name] or [f"head.margin={name}"]
-    if not any(e.startswith("head.margin=") for e in extra):
-        extra = [f"head.margin={name}", *extra]
+    extra = LOSSES[name] or [f"head.loss={name}"]
+    if not any(e.startswith("head.loss=") for e in extra):
+        extra = [f"head.loss={name}", *extra]
     report = Trainer(load_config(None, TINY + extra), tmp_path, console=False).fit()
     m = report["eval"]["synthetic"]
     assert report["train"]["bad_steps"] == 0
