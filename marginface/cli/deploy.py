@@ -1,10 +1,11 @@
 """`marginface verify` (two photos or a pairs CSV) and `marginface gallery enroll|search|list|remove|convert`."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from marginface.cli import options
-from marginface.cli.options import Parser, add_face_model_options, note, print_json
+from marginface.cli.options import add_face_model_options, add_json, check_positive, note, print_json
 from marginface.errors import UserError
 
 # deferred: startup time. The deployment stack is imported when a command runs; the face embedder is
@@ -19,36 +20,37 @@ def register(sub) -> None:
     v.set_defaults(func=run_verify)
 
     g = sub.add_parser("gallery", help="enrol identities and search faces (1:N)")
-    gsub = g.add_subparsers(dest="gallery_command", parser_class=Parser, required=True)
+    gsub = g.add_command_group("gallery_command")
     en = gsub.add_parser("enroll", help="add DIR/<identity>/*.jpg to a gallery (.sqlite/.db; created when missing)")
-    en.add_argument("dir")
+    en.add_argument("dir", help="DIR/<identity>/*.jpg: one folder of photos per identity")
     en.add_argument("--db", required=True, help="gallery file: .sqlite or .db (SQLite, safe to share between "
                                                 "processes); .npz galleries are read-only, see `gallery convert`")
     en.add_argument("--replace", action="store_true",
                     help="replace the enrolled images of the identities in DIR (default: add to them)")
     en.add_argument("--skip-no-face", action="store_true", help="skip images without a face instead of failing")
-    add_face_model_options(en)
+    add_face_model_options(en, threshold_help=argparse.SUPPRESS)  # enrolment compares nothing (deprecated)
     en.set_defaults(func=run_gallery_enroll)
     se = gsub.add_parser("search", help="the closest enrolled identities of the largest face in IMAGE")
-    se.add_argument("image")
+    se.add_argument("image", help="photo to search (its largest face)")
     se.add_argument("--db", required=True, help="gallery file (.sqlite, .db, or a legacy .npz)")
-    se.add_argument("--top", type=int, default=5)
-    se.add_argument("--index", choices=["auto", "exact", "faiss"], default="auto")
+    se.add_argument("--top", type=int, default=5, help="how many identities to return")
+    se.add_argument("--index", choices=["auto", "exact", "faiss"], default="auto",
+                    help="search method; auto: FAISS when installed and the gallery is large, else exact")
     add_face_model_options(se)
     se.set_defaults(func=run_gallery_search)
     ls = gsub.add_parser("list", help="enrolled identities and their image counts")
     ls.add_argument("--db", required=True, help="gallery file (.sqlite, .db, or a legacy .npz)")
-    ls.add_argument("--json", action="store_true")
+    add_json(ls)
     ls.set_defaults(func=run_gallery_list)
     rm = gsub.add_parser("remove", help="delete identities (all their images) from a gallery")
-    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("names", nargs="+", metavar="NAME", help="identities to delete")
     rm.add_argument("--db", required=True, help="gallery file (.sqlite or .db)")
-    rm.add_argument("--json", action="store_true")
+    add_json(rm)
     rm.set_defaults(func=run_gallery_remove)
     cv = gsub.add_parser("convert", help="copy a legacy .npz gallery into a new .sqlite gallery")
     cv.add_argument("src", help="the .npz gallery")
     cv.add_argument("dst", help="the new .sqlite/.db file (must not exist)")
-    cv.add_argument("--json", action="store_true")
+    add_json(cv)
     cv.set_defaults(func=run_gallery_convert)
 
 
@@ -104,12 +106,16 @@ def run_gallery_enroll(args) -> int:
               f"{args.db}; it holds {report['gallery_identities']} identities")
         for item in report["skipped"]:
             print(f"  skipped {item['file']}: {item['reason']}")
+    if args.threshold is not None:  # said after the work, so an error stays the only stderr line
+        note("gallery enroll --threshold is deprecated and ignored: enrolment compares no faces "
+             "(give --threshold to `gallery search` or `verify`)")
     return 0
 
 
 def run_gallery_search(args) -> int:
     from marginface.deploy.gallery import open_gallery
 
+    check_positive("--top", args.top)
     gallery = open_gallery(args.db)
     fe = options.face_embedder(args)
     gallery.check_model(*fe.fingerprint(), where=str(args.db))

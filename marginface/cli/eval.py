@@ -77,6 +77,7 @@ def run_eval(args) -> int:
         raise UserError("eval needs --model and --sets (or --compare RUN_A RUN_B)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_set_dirs(args.sets)
     model, options, model_info = embedding_model(args)
     results, curves, sources = rep.evaluate_suite(
         model, args.sets, options=options, detector_score=not args.no_detector_score, log=stderr_log(args))
@@ -94,6 +95,16 @@ def run_eval(args) -> int:
         if written:
             print(f"report: {written['report_md']}" + "".join(f", {p}" for p in written["plots"]))
     return 0
+
+
+def _check_set_dirs(paths) -> None:
+    """A directory in --sets is an LFW-style pair set (pairs.txt) or an IJB directory (before the model loads)."""
+    from marginface.evaluate.ijb import is_ijb_dir
+
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / "pairs.txt").is_file() and not is_ijb_dir(path):
+            raise UserError(f"--sets {path}: directory has no pairs.txt and is not an IJB-B/IJB-C directory; "
+                            f"`marginface identify` evaluates identity folders (DIR/<identity>/*.jpg)")
 
 
 def run_identify(args) -> int:

@@ -12,8 +12,34 @@ from marginface.jsonout import dumps
 # `marginface --help`, a usage error and the light commands start without torch or the deploy stack.
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS, [])
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one `error:` line with exit code 2."""
+    """argparse that reports usage errors as one `error:` line with exit code 2 and shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_command_group(self, dest: str, **kwargs):
+        """Subcommands under this parser; the parser alone (``marginface data``) prints its usage."""
+        sub = self.add_subparsers(dest=dest, parser_class=Parser, metavar="COMMAND", **kwargs)
+        self.set_defaults(func=lambda args: self.usage_exit())
+        return sub
+
+    def usage_exit(self) -> int:
+        """No subcommand given: the help on stderr, exit code 2 (nothing ran)."""
+        self.print_help(sys.stderr)
+        return 2
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")
@@ -27,6 +53,11 @@ def print_json(obj) -> None:
 
 def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
+
+
+def check_positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
 
 
 def stderr_log(args):
@@ -52,6 +83,41 @@ def add_trust_code(parser) -> None:
     parser.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
 
 
+THREADS_HELP = ("CPU threads for PyTorch (intra- and inter-op) and ONNX Runtime (default: PyTorch's and ONNX "
+                "Runtime's own choice)")
+
+
+def add_threads(parser, help: str = THREADS_HELP) -> None:
+    """``--threads N``: every command that runs a model."""
+    parser.add_argument("--threads", type=int, metavar="N", help=help)
+
+
+def apply_threads(threads) -> None:
+    """``--threads``: torch's intra-op threads and (when torch has not started its pool yet) inter-op threads."""
+    check_positive("--threads", threads)
+    if not threads:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # the inter-op pool can be sized only before its first use
+        pass
+
+
+DETECTOR_WEIGHTS_HELP = ("detector weights: the MTCNN folder or the RetinaFace file (default: "
+                         "$MARGINFACE_DETECTOR_DIR or the cache filled by `marginface data get-detector`)")
+
+
+def add_detector_options(parser) -> None:
+    """``--detector mtcnn|retinaface`` and ``--detector-weights`` (``--weights``: the old name, hidden)."""
+    parser.add_argument("--detector", choices=["mtcnn", "retinaface"], default="mtcnn",
+                        help="face detector that finds and aligns the faces")
+    parser.add_argument("--detector-weights", metavar="PATH", help=DETECTOR_WEIGHTS_HELP)
+    parser.add_argument("--weights", dest="detector_weights", help=argparse.SUPPRESS)
+
+
 def add_json(parser, help: str = "print the result as one JSON object") -> None:
     parser.add_argument("--json", action="store_true", help=help)
 
@@ -59,7 +125,8 @@ def add_json(parser, help: str = "print the result as one JSON object") -> None:
 def add_embedding_options(parser) -> None:
     """How eval, identify and embed run the model: the options `embedding_model` reads."""
     parser.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    add_threads(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
@@ -67,8 +134,9 @@ def add_embedding_options(parser) -> None:
                              "x86 int8 calibrated on the first batch, always compiled (needs torchao; CPU, PyTorch "
                              "models); fp32 is the reference")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the model ahead of time (AOTInductor, 10-30 s once): ~1.3x faster fp32/bf16 "
-                             "embedding on the CPU, worth it from a few thousand images; PyTorch models only")
+                        help="compile the model ahead of time (AOTInductor; compiling takes a while once): faster "
+                             "fp32/bf16 embedding on the CPU for large sets (figures: docs/performance.md); "
+                             "PyTorch models only")
 
 
 def eval_device(name: str, model):
@@ -115,7 +183,8 @@ def embedding_model(args) -> tuple:
     from marginface.deploy.load import load_model
     from marginface.inference import EmbedOptions
 
-    model = load_model(args.model, normalize=args.normalize, trust_code=args.trust_code)
+    apply_threads(args.threads)
+    model = load_model(args.model, normalize=args.normalize, threads=args.threads, trust_code=args.trust_code)
     device = eval_device(args.device, model)
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -132,27 +201,28 @@ def embedding_model(args) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- photos
-def add_face_model_options(p) -> None:
+THRESHOLD_HELP = "cosine threshold for 'same' (default: the model's eval threshold)"
+
+
+def add_face_model_options(p, *, threshold_help: str = THRESHOLD_HELP) -> None:
     """verify and gallery enroll/search: a model plus the detector that finds the faces."""
     add_model_argument(p)
     p.add_argument("--normalize", choices=["arcface", "imagenet"],
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
-    p.add_argument("--detector-weights", help="MTCNN weights directory (default: $MARGINFACE_DETECTOR_DIR or the cache)")
-    p.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the model's eval threshold)")
+    add_detector_options(p)
+    p.add_argument("--threshold", type=float, help=threshold_help)
     p.add_argument("--no-flip", action="store_true", help="do not add the mirror image's embedding")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per forward pass")
+    add_threads(p, "CPU threads for the detector (PyTorch) and the model (PyTorch or ONNX Runtime; default: "
+                   "all cores; 1 is best on a busy machine)")
+    add_json(p)
 
 
 def face_embedder(args):
     from marginface.deploy.embedder import FaceEmbedder
 
-    if args.threads:  # the detector runs in torch: same thread count (1 is best on a busy machine)
-        import torch
-
-        torch.set_num_threads(args.threads)
-    fe = FaceEmbedder(args.model, normalize=args.normalize, detector_weights=args.detector_weights,
-                      flip=not args.no_flip, threshold=args.threshold, batch_size=args.batch_size,
-                      threads=args.threads, trust_code=args.trust_code)
+    apply_threads(args.threads)  # the detector runs in torch: same thread count
+    fe = FaceEmbedder(args.model, normalize=args.normalize, detector=args.detector,
+                      detector_weights=args.detector_weights, flip=not args.no_flip, threshold=args.threshold,
+                      batch_size=args.batch_size, threads=args.threads, trust_code=args.trust_code)
     return fe

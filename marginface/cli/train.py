@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import sys
 
-from marginface.cli.options import note, print_json
+from marginface.cli.options import add_threads, apply_threads, note, print_json
 
 # deferred: startup time. The training stack (torch, the trainer) is imported when the command runs.
 
 
 def register(sub) -> None:
-    t = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic recipe)")
+    t = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic recipe)",
+                       epilog="Config keys: configs/synthetic_mbf.yaml lists every key with its default (it is the "
+                              "built-in config); recipes and what to change: docs/recipes.md. A mistyped key fails "
+                              "with the nearest valid one; --dry-run checks a config without training.")
     t.add_argument("--config", help="YAML or .py config file (default: built-in synthetic_mbf); a .py config is "
                                     "Python and runs with your permissions: use only files you trust")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=0.05")
@@ -22,6 +25,7 @@ def register(sub) -> None:
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run: deletes its checkpoints, log and report")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model summary, then exit")
+    add_threads(t)
     t.add_argument("--json", action="store_true", help="print the final report as one JSON object")
     t.set_defaults(func=run)
 
@@ -29,6 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from marginface.train import rundir
 
+    apply_threads(args.threads)
     plan = rundir.resolve_run(args.config, args.set, args.out, resume=args.resume, resume_from=args.resume_from,
                               overwrite=args.overwrite, note=note)
     if args.dry_run:

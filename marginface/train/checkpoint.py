@@ -7,6 +7,7 @@ containers only; nothing in it can run code.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,25 @@ def remove_stale_checkpoint_temps(ckpt_dir: Path) -> list[Path]:
     return removed
 
 
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Why torch.load refused a file, in words: torch's own text is a bare number ("105": the first byte of a
+    file that is not a pickle) or a paragraph about ``weights_only``."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # every pickle protocol >= 2 starts with PROTO (0x80)
+            return "neither a PyTorch zip archive nor a pickle"
+        if first.isdigit() or "weights_only" in first or "Weights only" in first:
+            return "an old-format pickle holding Python objects; it cannot load without running code"
+    if "Weights only" in first or "weights_only" in first:
+        return "it holds Python objects besides tensors, so loading it would run code"
+    if first.isdigit():
+        return f"unreadable pickle data ({type(exc).__name__})"
+    return first
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -48,8 +68,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable marginface checkpoint ({first})") from None
+        raise UserError(f"{path}: not a readable marginface checkpoint ({_load_failure(path, exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path}: not a marginface checkpoint (no 'model' entry)")
     return ckpt
