@@ -300,3 +300,22 @@ def test_ctrl_c_in_verify_pairs_is_one_line(tmp_path, wait):
                       "imagenet", "--detector-weights", need("weights/mtcnn"), "--threads", "1"], wait)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines() == ["interrupted"], done.stderr
+
+
+# -------------------------------------------------------------------------------------- train --dry-run
+@pytest.mark.parametrize("sets,needle", [
+    # 55 real images (5 identities x 11) and the default batch of 128: issue 21
+    (["data.train={johns}", "data.val=[]"], "'train.batch_size' = 128 is larger than the training data (55 images"),
+    (["train.amp=fp16", "data.val=[]"], "'train.amp' = fp16 needs CUDA"),
+])
+def test_dry_run_refuses_what_the_real_run_refuses_with_the_same_line(sets, needle, capsys, tmp_path):
+    if torch.cuda.is_available() and "fp16" in " ".join(sets):
+        pytest.skip("fp16 is valid with CUDA")
+    sets = [s.format(johns=need("identities/johns")) if "{johns}" in s else s for s in sets]
+    small = ["data.synthetic.identities=8", "data.synthetic.images_per_identity=4", "model.input_size=32"]
+    rc_dry, _, err_dry = run(capsys, "train", "--dry-run", "--out", tmp_path / "dry", "--set", *small, *sets)
+    rc_real, _, err_real = run(capsys, "train", "--out", tmp_path / "real", "--set", *small, *sets,
+                               "train.max_steps=1")
+    assert rc_dry == rc_real == 2, (err_dry, err_real)
+    assert error_line(err_dry) == error_line(err_real) and needle in error_line(err_dry)
+    assert not (tmp_path / "real" / "checkpoints").exists()
