@@ -86,7 +86,8 @@ def _stack_images(images: Sequence[np.ndarray], source: str, labels: Sequence[st
         if image.shape != shape:
             raise UserError(
                 f"{source}: {label} is {image.shape[1]}x{image.shape[0]} but the first image is "
-                f"{shape[1]}x{shape[0]}; pass image_size to resize them"
+                f"{shape[1]}x{shape[0]}; the images of a pair set must share one size (`marginface eval` resizes "
+                f"them to the model's input size; in Python: load_pair_set(..., image_size=...))"
             )
     return np.stack(images)
 

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from marginface.data.align import align_face
-from marginface.data.detect import MTCNNDetector
+from marginface.data.detect import DETECTORS, MTCNNDetector, build_detector
 from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
 from marginface.data.sources import list_image_files
 from marginface.data.synthetic import render_image
@@ -99,8 +99,9 @@ class FaceEmbedder:
 
     ``model``: a path for `load_model` or an already loaded embedder (left as it is: a
     ``normalize`` override is kept here, in ``info``). ``detector``: an object with
-    ``detect(rgb) -> [Face]`` (default: `MTCNNDetector` from ``detector_weights`` or its usual
-    lookup, built on first use). ``threshold``: overrides the model's own. ``trust_code``: allow
+    ``detect(rgb) -> [Face]``, or a name from ``DETECTORS`` ("mtcnn", "retinaface") built from
+    ``detector_weights`` on first use (default: `MTCNNDetector` from ``detector_weights`` or its
+    usual lookup, built on first use). ``threshold``: overrides the model's own. ``trust_code``: allow
     TorchScript and compiled ``.pt2`` models, which run code when loaded (see `load_model`).
     ``options``: `EmbedOptions` (flip, batch size 32 by default, device, autocast); ``flip`` and
     ``batch_size`` override it.
@@ -127,6 +128,8 @@ class FaceEmbedder:
         self.embedding_size = self.info.embedding_size
         self.max_detect_side = int(max_detect_side)
         self.pad_fraction = float(pad_fraction)
+        if isinstance(detector, str) and detector not in DETECTORS:
+            raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
         self._detector = detector
         self._detector_weights = detector_weights
         if threshold is not None:
@@ -150,6 +153,8 @@ class FaceEmbedder:
     def detector(self):
         if self._detector is None:
             self._detector = MTCNNDetector(self._detector_weights)
+        elif isinstance(self._detector, str):  # a detector name: built on first use
+            self._detector = build_detector(self._detector, weights=self._detector_weights)
         return self._detector
 
     def load_image(self, image: ImageLike, name: Optional[str] = None) -> tuple[np.ndarray, str]:

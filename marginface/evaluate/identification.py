@@ -327,7 +327,9 @@ def _identity_folder(role: str, root: Union[str, Path]):
     try:
         return FolderSource(root)
     except UserError as exc:
-        raise UserError(f"{role}: {exc}") from None
+        # "gallery: <path>: ..."; a folder itself named like its role reads "--gallery gallery: ...", not twice
+        prefix = f"--{role} " if str(exc).startswith(f"{role}:") else f"{role}: "
+        raise UserError(f"{prefix}{exc}") from None
 
 
 def _open_feature_matrix(path: Path) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from marginface.errors import UserError
-from marginface.io.trust import WHY, code_kind
+from marginface.io.trust import read_weights
 from marginface.models.insightface import Recognised, from_insightface, recognise
 from marginface.models.registry import build_backbone
 from marginface.models.resnet import load_torchvision_weights
@@ -34,24 +34,10 @@ STATE_DICT_KEYS = ("model", "state_dict_backbone", "state_dict")  # containers w
 SHOWN = 3  # mismatching keys named in an error line
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def read_weights_file(path: Union[str, Path]) -> Any:
     """The object a ``.pth`` / ``.pt`` file holds (tensors, numbers, strings, containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    kind = code_kind(path)
-    if kind is not None:
-        raise UserError(f"{path}: {WHY[kind]}; not a training checkpoint or state dict (give a run directory, "
-                        f"a .pt checkpoint or a .pth state dict)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, foreign, or a pickle that would run code: one clear line
-        raise UserError(f"{path}: not a readable marginface checkpoint or state dict ({_first_line(exc)})") from None
+    return read_weights(path, "marginface checkpoint or state dict",
+                        "a run directory, a .pt checkpoint or a .pth state dict")
 
 
 def is_marginface_checkpoint(obj: Any) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from marginface.errors import UserError
+from marginface.io.trust import read_weights
 from marginface.models.complexity import final_map_size
 
 RESNET50_LAYERS = (3, 4, 6, 3)
@@ -98,13 +99,7 @@ def load_torchvision_weights(model: ResNet50, path: str | os.PathLike) -> None:
     files saved before PyTorch 0.4.1 lack it), otherwise UserError says what did not fit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pretrained weights {path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike mean "not a readable state_dict"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"pretrained weights {path}: cannot be read as a torch state_dict ({reason})") from None
+    state = read_weights(path, "torchvision ResNet-50 state_dict", "the state_dict torchvision's resnet50 saves")
     if not isinstance(state, dict):
         raise UserError(f"pretrained weights {path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]

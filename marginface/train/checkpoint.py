@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from marginface.config import Config, from_dict
 from marginface.errors import UserError
 from marginface.inference import ModelInfo, pick_threshold
 from marginface.io.atomic import atomic_save_torch, remove_stale_temps
-from marginface.io.trust import WHY, code_kind
+from marginface.io.trust import read_weights
 from marginface.train.setup import build_model
 
 
@@ -39,17 +38,7 @@ def remove_stale_checkpoint_temps(ckpt_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    kind = code_kind(path)  # zip member names only; torch.load would hand TorchScript to torch.jit.load
-    if kind is not None:
-        raise UserError(f"{path}: {WHY[kind]}; not a training checkpoint (give a run directory or a .pt checkpoint)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable marginface checkpoint ({first})") from None
+    ckpt = read_weights(path, "marginface checkpoint", "a run directory or a .pt checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path}: not a marginface checkpoint (no 'model' entry)")
     return ckpt

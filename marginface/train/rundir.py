@@ -9,14 +9,18 @@ and ``report.*``. The rules, so that nothing a run has produced is lost by accid
   are there it refuses and names them (``--resume-from PATH`` picks one), it never starts over;
 * on resume, ``log.jsonl`` loses its lines past the checkpoint's step (they are trained again), so
   the log holds each step once however the previous session ended.
+
+`resolve_run` turns the command line's ``--config/--set/--out/--resume/--resume-from/--overwrite``
+into the config, directory and checkpoint of the run (`marginface train` is its only caller).
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
+from marginface.config import Config, config_from_dict, load_config, read_config_file
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_write_text, remove_stale_temps
 from marginface.train.checkpoint import remove_stale_checkpoint_temps
@@ -120,6 +124,7 @@ def remove_stale_temp_files(run_dir: Path) -> int:
         stale += remove_stale_temps(run_dir / name)
     return len(stale)
 
+
 def truncate_log(path: Path, step: int, evaluated: bool = True) -> int:
     """Drop the lines of ``log.jsonl`` past ``step`` (and a torn last line), and with ``evaluated`` False
     the evaluation at ``step`` too (the checkpoint predates it; it runs again); returns how many went."""
@@ -141,3 +146,91 @@ def truncate_log(path: Path, step: int, evaluated: bool = True) -> int:
     if dropped:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+# ------------------------------------------------------------------------------ which run, which config
+RUNS_ROOT = Path("runs")
+
+
+def pick_run_dir(out: Optional[str], name: str, resume: bool) -> Path:
+    """``--out`` as given; otherwise runs/<name> (a fresh -2, -3... when it already holds a run).
+
+    With ``resume`` and no ``out``, the newest runs/<name>* that has a last checkpoint.
+    """
+    if out:
+        return Path(out)
+    root = RUNS_ROOT
+    if resume:
+        cands = sorted((p for p in root.glob(f"{name}*") if (p / "checkpoints" / "last.pt").is_file()),
+                       key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime)
+        if not cands:
+            raise UserError(f"--resume: no run of {name!r} with checkpoints/last.pt under {root}/ (use --out RUN_DIR)")
+        return cands[-1]
+    path, k = root / name, 1
+    while path.exists() and any(path.iterdir()):
+        k += 1
+        path = root / f"{name}-{k}"
+    return path
+
+
+def run_config(run_dir: Path, checkpoint: Optional[Path], overrides: list,
+               note: Optional[Callable[[str], None]] = None) -> Config:
+    """The config of the run being resumed: its config.yaml; when that is empty or unreadable (a kill while
+    it was written by an older version), the config saved in the checkpoint, with a note."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        if checkpoint is None:
+            return load_config(None, overrides)  # killed before it was written: nothing trained either
+        problem = "is missing"
+    else:
+        try:
+            problem = "" if read_config_file(str(path)) else "is empty"
+        except UserError as exc:
+            problem = f"is unreadable ({exc})"
+        if not problem:
+            return load_config(str(path), overrides)
+    saved = (peek(checkpoint) or {}).get("config") if checkpoint is not None else None
+    if not saved:
+        where = f" nor a config in {checkpoint}" if checkpoint is not None else " and no checkpoint holds one"
+        raise UserError(f"--resume: {path} {problem}{where}; pass the run's config with --config")
+    if note is not None:
+        note(f"{path} {problem}; resuming with the config saved in {checkpoint}")
+    return config_from_dict(saved, overrides, where=f"{checkpoint}: ")
+
+
+class RunPlan(NamedTuple):
+    """What `marginface train` starts: the config, the run directory, whether it resumes and from what."""
+    cfg: Config
+    run_dir: Path
+    resume: bool
+    resume_from: Optional[Path]
+
+
+def resolve_run(config: Optional[str], overrides: Optional[list], out: Optional[str], *, resume: bool = False,
+                resume_from: Optional[str] = None, overwrite: bool = False,
+                note: Optional[Callable[[str], None]] = None) -> RunPlan:
+    """The run the command line asks for, refused (one `UserError` line) before anything is touched when
+    it would lose work: a fresh start into a run without --overwrite, --overwrite with --resume, ..."""
+    overrides = overrides or []
+    resume_from = Path(resume_from) if resume_from else None
+    resume = resume or resume_from is not None
+    if overwrite and resume:
+        raise UserError("--overwrite starts the run afresh; it cannot be combined with --resume/--resume-from")
+    if resume:
+        if resume_from is not None:
+            if not resume_from.is_file():
+                raise UserError(f"--resume-from {resume_from}: checkpoint not found")
+            if not out and resume_from.parent.name != "checkpoints":
+                raise UserError(f"--resume-from {resume_from}: name the run directory to continue with --out")
+            run_dir = Path(out) if out else resume_from.parent.parent
+        elif out:
+            run_dir = Path(out)
+        else:  # the newest run of this config's name
+            run_dir = pick_run_dir(None, load_config(config, overrides).name, True)
+        checkpoint = resume_from or resume_checkpoint(run_dir)  # refuses: checkpoints but no last.pt
+        cfg = load_config(config, overrides) if config else run_config(run_dir, checkpoint, overrides, note)
+    else:
+        cfg = load_config(config, overrides)
+        run_dir = pick_run_dir(out, cfg.name, False)
+        require_fresh(run_dir, overwrite, dry_run=True)  # refuse now; the trainer clears it
+    return RunPlan(cfg, run_dir, resume, resume_from)

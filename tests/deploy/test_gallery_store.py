@@ -405,7 +405,7 @@ def cli(capsys, *argv):
 
 def test_cli_enroll_adds_lists_removes(tmp_path, capsys, monkeypatch):
     embedder = {"fe": FakeEmbedder()}
-    monkeypatch.setattr("marginface.cli._face_embedder", lambda args: embedder["fe"])
+    monkeypatch.setattr("marginface.cli.options.face_embedder", lambda args: embedder["fe"])
     db = tmp_path / "g.sqlite"
     a = people(tmp_path / "a", {"ann": [1, 2]})
     b = people(tmp_path / "b", {"bob": [3], "cy": [4, 5, 6]})
@@ -458,7 +458,7 @@ def test_cli_enroll_adds_lists_removes(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_convert_then_enroll(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("marginface.cli._face_embedder", lambda args: FakeEmbedder())
+    monkeypatch.setattr("marginface.cli.options.face_embedder", lambda args: FakeEmbedder())
     Gallery(np.array(["old"]), vec(50)[None], np.array([3]), "fake99", vec(99), "fake.onnx").save(tmp_path / "g.npz")
     code, out, _ = cli(capsys, "gallery", "convert", tmp_path / "g.npz", tmp_path / "g.sqlite", "--json")
     assert code == 0 and json.loads(out)["identities"] == 1
