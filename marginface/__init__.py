@@ -24,6 +24,7 @@ _API = {
     "build_backbone": "marginface.models:build_backbone",
     "load_model": "marginface.deploy.load:load_model",
     "evaluate_model": "marginface.deploy.api:evaluate",
+    "evaluate_pairs": "marginface.evaluate.runner:evaluate_pair_set",  # DESIGN.md: a model on one PairSet
     "export": "marginface.deploy.export:export_model",
     "FaceEmbedder": "marginface.deploy.embedder:FaceEmbedder",
     "Gallery": "marginface.deploy.gallery_store:GalleryStore",

@@ -52,6 +52,17 @@ def test_import_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
+def test_design_md_imports_work():
+    from marginface import Trainer, build_backbone, evaluate_pairs  # DESIGN.md: usable without the CLI
+    from marginface.data.synthetic import synthetic_pair_set
+
+    assert Trainer.__name__ == "Trainer"
+    model = build_backbone("mbf", embedding_size=32, input_size=32).eval()
+    pairs = synthetic_pair_set(num_identities=6, images_per_identity=3, num_pairs=20, image_size=32)
+    result = evaluate_pairs(model, pairs, flip=False)
+    assert result["name"] == "synthetic" and result["pairs"] == 20 and 0.0 <= result["accuracy"] <= 1.0
+
+
 def test_evaluate_model_is_the_function_and_evaluate_stays_the_subpackage():
     import marginface.evaluate.metrics as metrics
 
