@@ -27,17 +27,15 @@ from typing import Optional, Union
 
 import torch
 
-from marginface.config import Config, from_dict
 from marginface.deploy.compiled import CompiledEmbedder
 from marginface.deploy.onnx_model import OnnxEmbedder
 from marginface.errors import UserError
 from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo,
-                                  check_normalize, pick_threshold)
+                                  check_normalize)
 from marginface.io.trust import COMPILED, TORCHSCRIPT, WHY, code_kind, refuse_untrusted
 from marginface.models import build_backbone
 from marginface.models.pretrained import backbone_from_state, is_marginface_checkpoint, read_weights_file, state_dict_of
-from marginface.train.checkpoint import load_checkpoint, resolve_checkpoint
-from marginface.train.setup import build_model
+from marginface.train.checkpoint import backbone_from_checkpoint, load_checkpoint, resolve_checkpoint
 
 TORCHSCRIPT_EXTRA = "marginface.json"  # metadata file inside our TorchScript exports
 
@@ -91,25 +89,8 @@ def load_torch_model(model_path: Union[str, Path], prefer: str = "best", *,
 
 
 def _checkpoint_model(path: Path, ckpt: dict) -> torch.nn.Module:
-    cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
-    cfg.model.pretrained = None  # the checkpoint holds the weights
-    state = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
-    bad = next((k for k, v in state.items()
-                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:  # a diverged run: exporting or evaluating it would only fail later, less clearly
-        raise UserError(f"{path}: weight '{bad}' holds NaN or inf values (did training diverge?); refusing to load it")
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit {cfg.model.backbone}: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    threshold, threshold_source = pick_threshold(ckpt.get("last_eval") or {}, cfg.eval.best_metric)
-    info = ModelInfo(input_size=cfg.model.input_size, embedding_size=model.embedding_size,
-                     normalize=cfg.data.normalize, threshold=threshold, threshold_source=threshold_source,
-                     source=str(path), kind="checkpoint", precision="fp32", backbone=cfg.model.backbone)
-    model.checkpoint_path = str(path)
-    return _attach(model, info)
+    model = backbone_from_checkpoint(path, ckpt)
+    return _attach(model, model.info)
 
 
 def random_backbone(name: str, embedding_size: Optional[int] = None, input_size: int = 112,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 from marginface.config import Config, from_dict
 from marginface.errors import UserError
@@ -56,16 +58,24 @@ def resolve_checkpoint(model_path: str, prefer: str = "best") -> Path:
 
 
 def load_backbone(model_path: str, prefer: str = "best"):
-    """The trained backbone of a run directory or checkpoint, in eval mode, on the CPU.
-
-    It carries ``info`` (`marginface.inference.ModelInfo`, as `deploy.load.load_model` gives it)
-    and, for older callers, ``normalize`` (the input normalisation it was trained with), so
-    evaluation and deployment preprocess exactly as training did.
-    """
+    """The trained backbone of a run directory or checkpoint, in eval mode, on the CPU (see
+    `backbone_from_checkpoint`)."""
     path = resolve_checkpoint(model_path, prefer)
-    ckpt = load_checkpoint(path)
+    return backbone_from_checkpoint(path, load_checkpoint(path))
+
+
+def backbone_from_checkpoint(path: Path, ckpt: dict):
+    """The backbone a loaded checkpoint holds, in eval mode, with ``info``
+    (`marginface.inference.ModelInfo`: input size, the normalisation it was trained with, the
+    eval-time threshold) and, for older callers, ``normalize`` and ``checkpoint_path``. Weights
+    holding NaN/inf (a diverged run) are refused: evaluating or exporting them would only fail later."""
     cfg = from_dict(Config, ckpt.get("config") or {}, where=f"{path}: ")
     cfg.model.pretrained = None  # the checkpoint holds the weights; the original file may be gone
+    state = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    bad = next((k for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{path}: weight '{bad}' holds NaN or inf values (did training diverge?); refusing to load it")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])
