@@ -301,7 +301,13 @@ class PartialFC(LossHead):
                 # every rank computes it in full from the gathered norms: each back-propagates 1/W
                 loss = loss + D.grad_scaled(extra_loss, 1.0 / W)
         with torch.no_grad():
-            stats = {"mean_target_cosine": float(cos_y.mean()), "accuracy": float(correct.float().mean()),
+            # plain top-1 (own cosine is the largest of the classes scored this step); see classifier.py
+            row_max = cos.max(dim=1).values
+            if W > 1:
+                D.all_reduce_max_(row_max)
+            plain_correct = cos_y >= row_max
+            stats = {"mean_target_cosine": float(cos_y.mean()), "accuracy": float(plain_correct.float().mean()),
+                     "margin_accuracy": float(correct.float().mean()),
                      "mean_norm": float(norms.mean())}
             if self.training and self.sampling:
                 stats["sampled_classes"] = float(ncols)
