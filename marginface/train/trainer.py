@@ -30,7 +30,7 @@ from marginface.train import distributed, rundir, setup
 from marginface.train.batches import InMemoryBatches, LoaderBatches
 from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
 from marginface.train.loggers import RunLogger, format_table
-from marginface.train.schedule import lr_factor
+from marginface.train.schedule import lr_factor, warmup_steps
 
 LOWER_IS_BETTER = {"eer", "accuracy_std"}
 # the numbers evaluate_pair_set reports per set (besides tar_at_far), any of which can pick best.pt
@@ -525,9 +525,15 @@ class Trainer:
             log.message(f"distributed: {world} ranks ({self.dist.backend}), global batch "
                         f"{cfg.train.batch_size * world * cfg.train.grad_accum}")
         log.message(self._classifier_memory_line())
+        warm = warmup_steps(cfg.schedule, self.steps_per_epoch)
+        if warm >= self.total_steps and cfg.schedule.name != "constant":
+            log.message(f"warning: the run ({self.total_steps} steps) is not longer than the learning-rate warmup "
+                        f"({warm} steps): the rate never decays; lower schedule.warmup_steps or train longer")
         if self.step >= self.total_steps:
             log.message(f"already at step {self.step} of {self.total_steps}: nothing to train")
             return
+        if self.step:
+            log.message(f"resuming at step {self.step} of {self.total_steps}")
         self.backbone.train()
         self.head.train()
         stream = self.batches.iterate(self.step * cfg.train.grad_accum)

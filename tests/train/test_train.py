@@ -181,3 +181,13 @@ def test_resume_removes_temp_files_of_a_killed_save_and_nothing_else(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(others + ["last.pt"])
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert json.loads((tmp_path / "report.json").read_text())["train"]["steps"] == 2
+
+
+def test_console_warns_when_the_run_ends_inside_the_warmup_and_says_where_it_resumes(tmp_path, capsys):
+    Trainer(tiny("train.max_steps=3", "data.val=[]", "schedule.warmup_steps=10"), tmp_path / "a").fit()
+    err = capsys.readouterr().err
+    assert "not longer than the learning-rate warmup (10 steps)" in err and "resuming" not in err
+    Trainer(tiny("train.max_steps=3", "data.val=[]", "schedule.warmup_steps=2"), tmp_path / "b").fit()
+    assert "warmup" not in capsys.readouterr().err
+    Trainer(tiny("train.max_steps=5", "data.val=[]", "schedule.warmup_steps=2"), tmp_path / "b", resume=True).fit()
+    assert "resuming at step 3 of 5" in capsys.readouterr().err
