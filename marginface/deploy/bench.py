@@ -6,8 +6,12 @@ normalised ``N×3×H×W`` float32 numpy batch. ``DEFAULT_RUNTIMES`` (what ``marg
 reports) are ``torch`` (eager fp32), ``onnxruntime`` (our fp32 export, all graph optimisations)
 and ``onnxruntime-int8`` (static int8, the default `QuantOptions`); ``EXTRA_RUNTIMES`` are the
 alternatives the benchmark script compares (TorchScript frozen, ``optimize_for_inference``,
-bf16 + channels_last, TorchInductor-compiled fp32 / bf16 / x86 int8, other ONNX int8 schemes,
-dynamic int8).
+bf16 + channels_last, TorchInductor-compiled fp32 / bf16 / x86 int8, ``torch-compiled-auto``
+(`deploy.autoprecision`: every compiled path checked and timed, the fastest checked one run; the
+result's ``precision_auto`` shows them all), other ONNX int8 schemes, dynamic int8).
+
+``--backbone`` models get trained-looking weights (`deploy.load.trained_looking`) unless
+``weights="fresh"``: a fresh network's identity BatchNorms time differently from any real model.
 
 Every runtime also embeds the same 16 synthetic faces; ``min_cosine_vs_first`` is the smallest
 cosine to the first runtime's embeddings (a fast runtime that computes something else shows up).
