@@ -58,7 +58,8 @@ def test_precision_auto_runtime_shows_every_path_and_the_choice(monkeypatch):
     """Real compiles, fp32 and bf16 only (int8 is covered by tests/test_autoprecision.py)."""
     monkeypatch.setattr(bench_module, "choose_precision",
                         functools.partial(choose_precision, precisions=("fp32", "bf16"), rounds=1, runs=3))
-    result = bench(backbone="mobilefacenet", runtimes=["torch", "torch-compiled-auto"], **QUICK)
+    # throughput at batch 1 too: the batch-1 embedder auto built is reused, no third compile
+    result = bench(backbone="mobilefacenet", runtimes=["torch", "torch-compiled-auto"], **{**QUICK, "throughput_batch": 1})
     auto = result["precision_auto"]
     assert set(auto["paths"]) == {"fp32", "bf16"} and auto["precision"] in ("fp32", "bf16")
     assert all(p["status"] == "ok" and p["latency_ms"] > 0 for p in auto["paths"].values())
