@@ -49,7 +49,7 @@ from marginface.data.dataset import normalize_batch
 from marginface.heads import build_head
 from marginface.models import build_backbone, count_macs
 from marginface.models.layers import set_fast_conv, set_fast_prelu
-from marginface import malloc
+from marginface import hardware, malloc
 
 CPU_VARIANTS = [
     "fp32",
@@ -337,6 +337,7 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    flushed = hardware.flush_denormals()  # as the Trainer does (MARGINFACE_FLUSH_DENORMALS=0: off)
     cuda = device.type == "cuda"
     specs = args.variants or (CUDA_VARIANTS if cuda else CPU_VARIANTS)
     batch = args.batch or (128 if cuda else 64)
@@ -345,7 +346,8 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    out = {"machine": machine_info(device), "command": " ".join(sys.argv), "runs": []}
+    out = {"machine": {**machine_info(device), "isa": hardware.isa_key(), "flush_denormals": flushed},
+           "command": " ".join(sys.argv), "runs": []}
     out["runs"].append(run_model(args.backbone, specs, args, device, batch, steps, log))
     if args.iresnet_batch:
         ir_specs = IRESNET_VARIANTS if not cuda else ["tf32", "bf16+cl"]

@@ -20,6 +20,8 @@ import os
 from functools import lru_cache
 from typing import Optional
 
+from marginface.errors import UserError
+
 CPUINFO = "/proc/cpuinfo"
 
 # AOTInductor's AOTI_CPU_ISA names -> /proc/cpuinfo flags
@@ -86,3 +88,64 @@ def int8_weight_range(cpuinfo: str = CPUINFO) -> tuple[int, int]:
     """Symmetric int8 weight range that oneDNN computes exactly on this CPU: full 8 bits with
     VNNI, 7 bits (-64..63) without (see the module docstring)."""
     return (-128, 127) if has_int8_dot_product(cpuinfo) else (-64, 63)
+
+
+# ---------------------------------------------------------------------------------------------- denormals
+FLUSH_DENORMALS_ENV = "MARGINFACE_FLUSH_DENORMALS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_flush_choice: Optional[bool] = None  # set by an explicit flush_denormals(True/False); wins over the env
+
+
+def flush_denormals_wanted() -> bool:
+    """Whether subnormal floats should be flushed: the last explicit `flush_denormals` argument,
+    else ``MARGINFACE_FLUSH_DENORMALS`` (``0``/``false``/``no``/``off`` switch it off), else on."""
+    if _flush_choice is not None:
+        return _flush_choice
+    value = os.environ.get(FLUSH_DENORMALS_ENV, "").strip().lower()
+    if value in ("",) + _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UserError(f"{FLUSH_DENORMALS_ENV}={os.environ[FLUSH_DENORMALS_ENV]!r}: expected 1 or 0 (true/false, on/off)")
+
+
+def flush_denormals(enabled: Optional[bool] = None) -> bool:
+    """Flush subnormal floats to zero on the CPU (x86 FTZ + DAZ, via ``torch.set_flush_denormal``)
+    and return whether flushing is now on (False where the CPU cannot, or where switched off).
+
+    Why it is the default: a network's activations can shrink into subnormals (a freshly initialised
+    mbf in eval mode does, layer by layer), and x86 CPUs compute on them 10-100x slower (micro-code
+    assists): ``marginface bench --backbone mbf`` measured a 1.9 s batch-1 eager forward instead of
+    55 ms. Values below 1.2e-38 (fp32) do not change an embedding. Every CPU path that runs a model
+    calls this (training, evaluation, `load_model`, `FaceEmbedder`, bench) with ``enabled=None``: the
+    configured default (`flush_denormals_wanted`). Passing True/False sets it for the process, and
+    later ``None`` calls keep that choice. The setting is per process (torch's threads included)."""
+    global _flush_choice
+    import torch  # deferred: this module stays light (the CLI imports it before torch)
+
+    if enabled is not None:
+        _flush_choice = bool(enabled)
+    want = flush_denormals_wanted()
+    supported = torch.set_flush_denormal(want)
+    return bool(want and supported)
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes subnormal fp32 now (measured: a subnormal times one comes out as 0)."""
+    import torch  # deferred: see flush_denormals
+
+    return float((torch.full((4,), 1e-40) * 1.0)[0]) == 0.0
+
+
+def isa_key(cpuinfo: str = CPUINFO) -> str:
+    """What decides which compiled path is fastest and which packages run: the vector/matrix ISA
+    flags of this CPU that oneDNN and Inductor use (``ISA_FLAGS`` plus ``avx_vnni``), sorted, and
+    the ``ONEDNN_MAX_CPU_ISA`` cap when one is set; "unknown" without /proc/cpuinfo. Caches keyed by
+    it (`deploy.autoprecision`) decide again on another CPU family."""
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return "unknown"
+    wanted = set(ISA_FLAGS.values()) | {"avx_vnni", "avx512bw", "avx512vl", "fma"}
+    key = " ".join(sorted(f for f in flags if f in wanted)) or "baseline"
+    cap = onednn_isa_cap()
+    return f"{key} cap={cap}" if cap else key

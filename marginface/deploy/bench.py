@@ -6,8 +6,12 @@ normalised ``N×3×H×W`` float32 numpy batch. ``DEFAULT_RUNTIMES`` (what ``marg
 reports) are ``torch`` (eager fp32), ``onnxruntime`` (our fp32 export, all graph optimisations)
 and ``onnxruntime-int8`` (static int8, the default `QuantOptions`); ``EXTRA_RUNTIMES`` are the
 alternatives the benchmark script compares (TorchScript frozen, ``optimize_for_inference``,
-bf16 + channels_last, TorchInductor-compiled fp32 / bf16 / x86 int8, other ONNX int8 schemes,
-dynamic int8).
+bf16 + channels_last, TorchInductor-compiled fp32 / bf16 / x86 int8, ``torch-compiled-auto``
+(`deploy.autoprecision`: every compiled path checked and timed, the fastest checked one run; the
+result's ``precision_auto`` shows them all), other ONNX int8 schemes, dynamic int8).
+
+``--backbone`` models get trained-looking weights (`deploy.load.trained_looking`) unless
+``weights="fresh"``: a fresh network's identity BatchNorms time differently from any real model.
 
 Every runtime also embeds the same 16 synthetic faces; ``min_cosine_vs_first`` is the smallest
 cosine to the first runtime's embeddings (a fast runtime that computes something else shows up).
@@ -28,12 +32,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from marginface import malloc
+from marginface import hardware, malloc
 from marginface.data.transforms import to_tensor
+from marginface.deploy.autoprecision import EAGER, choose_precision
 from marginface.deploy.compiled import CompiledEmbedder
 from marginface.deploy.export import export_onnx, file_mb, load_source, parity_images
 from marginface.deploy.fold import fold_batchnorm
-from marginface.deploy.load import load_model
+from marginface.deploy.load import load_model, trained_looking
 from marginface.deploy.onnx_model import OnnxEmbedder, load_onnx_proto
 from marginface.deploy.quantize import QuantOptions, quantize_onnx
 from marginface.errors import UserError
@@ -42,6 +47,9 @@ from marginface.io.trust import COMPILED, code_kind, refuse_untrusted
 from marginface.models import count_macs, count_parameters
 
 Runner = Callable[[np.ndarray], object]
+# what ``bench(backbone=..., weights=...)`` times, as its text output says it
+WEIGHTS = {"trained-looking": "random trained-looking weights: BN statistics and PReLU slopes from trained ranges",
+           "fresh": "freshly initialised random weights"}
 
 
 def default_threads() -> int:
@@ -95,6 +103,7 @@ class BenchContext:
     given_onnx: Optional[Path] = None  # the user's ONNX file when MODEL is one
     normalize: str = "arcface"
     _quantized: dict = field(default_factory=dict)
+    auto_choice: object = None  # the `PrecisionChoice` of the torch-compiled-auto runtime, once built
 
     def fp32_onnx(self) -> Path:
         if self.onnx_path is None:
@@ -216,7 +225,7 @@ def _torch_int8_fx(ctx: BenchContext) -> Runner:
     return run
 
 
-def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
+def _torch_compiled(precision: str, batch1=None) -> Callable[[BenchContext], Runner]:
     """AOTInductor at ``precision`` (`marginface.deploy.compiled`); int8 calibrated on synthetic faces.
     Inductor specialises on the batch size: an embedder compiled for batch 1 (latency) or, for
     larger batches, one that runs them in its default chunks (16 images on the CPU: faster per
@@ -226,7 +235,7 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
     def build(ctx: BenchContext) -> Runner:
         model = _need_torch(ctx)
         calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize)
-        current: dict = {}
+        current: dict = {} if batch1 is None else {"size": 1, "embedder": batch1}
 
         def run(x):
             size = 1 if len(x) == 1 else None
@@ -237,6 +246,20 @@ def _torch_compiled(precision: str) -> Callable[[BenchContext], Runner]:
             return current["embedder"](torch.from_numpy(x))
         return run
     return build
+
+
+def _torch_compiled_auto(ctx: BenchContext) -> Runner:
+    """``--precision auto`` (`deploy.autoprecision.choose_precision`, measured here, not read from a
+    cache): every compiled path built, checked against eager fp32 on the calibration faces and timed at
+    batch 1; the runtime is the one it took (its batch-1 embedder reused). ``bench`` reports all of it
+    under ``precision_auto``."""
+    model = _need_torch(ctx)
+    calibration = to_tensor(parity_images(ctx.input_size, 32, seed=1), ctx.normalize)
+    choice = choose_precision(model, calibration)
+    ctx.auto_choice = choice
+    if choice.precision == EAGER:
+        return _torch_eager(ctx)
+    return _torch_compiled(choice.precision, choice.embedders.get(choice.precision))(ctx)
 
 
 def _onnxruntime(ctx: BenchContext, optimization: str = "all") -> Runner:
@@ -273,6 +296,7 @@ def _extra_runtimes() -> dict[str, Callable[[BenchContext], Runner]]:
         "torch-compiled": _torch_compiled("fp32"),
         "torch-compiled-bf16": _torch_compiled("bf16"),
         "torch-compiled-int8": _torch_compiled("int8"),
+        "torch-compiled-auto": _torch_compiled_auto,
         "onnxruntime-basic-opt": lambda ctx: _onnxruntime(ctx, "basic"),
         "onnxruntime-int8-qdq-s8s8": _onnxruntime_int8(q(fmt="qdq", activations="int8")),
         "onnxruntime-int8-qoperator-u8s8": _onnxruntime_int8(q(fmt="qoperator", activations="uint8")),
@@ -349,7 +373,8 @@ def onnx_params_and_macs(path: Path) -> tuple[int, int]:
 def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_RUNTIMES,
           threads: Optional[int] = None, runs: int = 100, throughput_runs: int = 10,
           max_seconds: float = 8.0, throughput_batch: int = 32, normalize: Optional[str] = None,
-          embedding_size: Optional[int] = None, input_size: int = 112, trust_code: bool = False) -> dict:
+          embedding_size: Optional[int] = None, input_size: int = 112, trust_code: bool = False,
+          weights: str = "trained-looking") -> dict:
     """``{"params", "file_mb", "gmacs", "latency_ms": {rt: {"median", "p90"}}, "throughput_ips":
     {rt: ips}, "threads", ...}`` for a run dir / checkpoint / ONNX file or a random ``backbone``.
 
@@ -358,7 +383,17 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
     Runtimes that cannot run this model (torch for an ONNX file) are left out and listed under
     ``skipped`` with the reason. ``trust_code``: allow a compiled ``.pt2`` package, which runs
     native code when opened (see `load_model`).
+
+    ``weights`` (with ``backbone``): ``"trained-looking"`` (default: BatchNorm statistics/affines and
+    PReLU slopes drawn from trained ranges, `deploy.load.trained_looking`, so the timing is that of a
+    real model of this architecture) or ``"fresh"`` (the initialiser's weights, as before). The result
+    says which under ``"weights"``. Subnormal floats are flushed to zero as everywhere else
+    (`hardware.flush_denormals`; ``MARGINFACE_FLUSH_DENORMALS=0`` to time without); ``"flush_denormals"``
+    records whether it was on.
     """
+    if weights not in WEIGHTS:
+        raise UserError(f"bench: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    flushed = hardware.flush_denormals()
     threads = threads or default_threads()
     builders = runtime_builders()
     unknown = [r for r in runtimes if r not in builders]
@@ -369,7 +404,8 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
             refuse_untrusted(model_spec, trust_code)  # before anything opens it
     with tempfile.TemporaryDirectory(prefix="marginface-bench-") as work:
         workdir = Path(work)
-        result: dict = {"model": str(model_spec) if model_spec else f"{backbone} (random weights)"}
+        result: dict = {"model": f"{backbone} ({WEIGHTS[weights]})" if backbone else str(model_spec),
+                        "weights": weights if backbone else "model", "flush_denormals": flushed}
         sizes: dict = {}
         spec_path = Path(model_spec) if model_spec else None
         if spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".pt2":
@@ -399,6 +435,8 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
                             if r != "onnxruntime-int8"] or ["onnxruntime-int8"]
         else:
             model = load_source(model_spec, backbone=backbone, embedding_size=embedding_size, input_size=input_size)
+            if backbone and weights == "trained-looking":
+                model = trained_looking(model)
             info = ModelInfo.of(model)
             hw = info.image_size
             ctx = BenchContext(hw, threads, workdir, model=model, normalize=info.normalize)
@@ -440,6 +478,8 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
                       load_average=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None)
         if skipped:
             result["skipped"] = skipped
+        if ctx is not None and ctx.auto_choice is not None:
+            result["precision_auto"] = ctx.auto_choice.to_dict()
         return result
 
 

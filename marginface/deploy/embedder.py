@@ -38,6 +38,7 @@ from marginface.data.sources import list_image_files
 from marginface.data.synthetic import render_image
 from marginface.deploy.load import load_model
 from marginface.errors import UserError
+from marginface.hardware import flush_denormals
 from marginface.evaluate.runner import embed_images, l2_normalize
 from marginface.inference import EmbedOptions, ModelInfo
 
@@ -112,6 +113,7 @@ class FaceEmbedder:
                  batch_size: Optional[int] = None, max_detect_side: int = 1280, pad_fraction: float = 0.25,
                  threshold: Optional[float] = None, threads: Optional[int] = None, trust_code: bool = False,
                  options: Optional[EmbedOptions] = None):
+        flush_denormals()  # detector and embedder: subnormals are 10-100x slower on x86 (docs/performance.md)
         if isinstance(model, (str, Path)):
             model = load_model(model, normalize, threads=threads, trust_code=trust_code)
         # The caller's model is never changed: a ``normalize`` override lives in this embedder's

@@ -30,6 +30,7 @@ import torch
 from marginface.deploy.compiled import CompiledEmbedder
 from marginface.deploy.onnx_model import OnnxEmbedder
 from marginface.errors import UserError
+from marginface.hardware import flush_denormals
 from marginface.inference import (DEFAULT_INPUT_SIZE, DEFAULT_NORMALIZE, NORMALIZE_NAMES, InfoAttributes, ModelInfo,
                                   check_normalize)
 from marginface.io.trust import COMPILED, TORCHSCRIPT, WHY, code_kind, refuse_untrusted
@@ -183,6 +184,7 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
     when loaded; without it they raise `UserError` before torch opens them.
     """
     _check_normalize(normalize)
+    flush_denormals()  # subnormal activations: 10-100x slower on x86 (docs/performance.md)
     path = Path(path_or_run)
     if not path.exists():
         raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from marginface import malloc
+from marginface import hardware, malloc
 from marginface.data.transforms import hflip, to_tensor
 from marginface.data.verification import PairSet
 from marginface.errors import UserError
@@ -114,6 +114,7 @@ def embed_views(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     options = EmbedOptions.make(options, batch_size=batch_size, flip=flip, device=device, normalize=normalize,
                                 amp_dtype=amp_dtype)
+    hardware.flush_denormals()  # subnormal activations: 10-100x slower on x86 (docs/performance.md)
     info = ModelInfo.of(model)
     target, normalize, device = info.input_size, options.normalize_for(info), options.device
     batch_size, flip = options.batch_size, options.flip

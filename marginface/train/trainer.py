@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from marginface import malloc
+from marginface import hardware, malloc
 from marginface.config import Config, dump_yaml, to_dict
 from marginface.data.dataset import FaceDataset, normalize_batch
 from marginface.errors import UserError
@@ -125,6 +125,7 @@ class Trainer:
         self.overwrite = overwrite
         self.console = console
         self.device = setup.resolve_device(cfg.train.device)
+        hardware.flush_denormals()  # subnormal activations: 10-100x slower on x86 (docs/performance.md)
         # under torchrun: join the process group (NCCL on CUDA, gloo on CPU); else a single process
         self.dist = distributed.init_from_env(self.device)
         self.device = distributed.device_for(self.device, self.dist)
