@@ -14,7 +14,7 @@ import os
 import sys
 
 from marginface import __version__
-from marginface.cli import data, deploy, export, train, viz
+from marginface.cli import data, deploy, export, serve, train, viz
 from marginface.cli import eval as evaluate
 from marginface.cli.options import Parser, print_json
 from marginface.errors import UserError
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"marginface {__version__}",
                    help="print the version and exit")
     sub = p.add_command_group("command")
-    for group in (train, evaluate, data, export, deploy, viz):
+    for group in (train, evaluate, data, export, deploy, serve, viz):
         group.register(sub)
     return p
 
