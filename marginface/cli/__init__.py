@@ -2,7 +2,8 @@
 
 One module per command group, each with ``register(subparsers)`` (its parser) and the functions that
 run its commands: `train` (train), `eval` (eval, identify, embed), `data` (data ...), `export`
-(export, bench), `deploy` (verify, gallery ...), `viz` (viz). `options` holds what several share.
+(export, bench), `deploy` (verify, gallery ..., identify-folder, faces), `serve` (serve),
+`viz` (viz). `options` holds what several share.
 
 Every subcommand has --help; --json prints exactly one JSON object on stdout; bad input prints one
 line `error: ...` on stderr and exits with code 2.
