@@ -2,7 +2,8 @@
 
 One module per command group, each with ``register(subparsers)`` (its parser) and the functions that
 run its commands: `train` (train), `eval` (eval, identify, embed), `data` (data ...), `export`
-(export, bench), `deploy` (verify, gallery ...), `viz` (viz). `options` holds what several share.
+(export, bench), `deploy` (verify, gallery ..., identify-folder, faces), `serve` (serve),
+`viz` (viz). `options` holds what several share.
 
 Every subcommand has --help; --json prints exactly one JSON object on stdout; bad input prints one
 line `error: ...` on stderr and exits with code 2.
@@ -14,7 +15,7 @@ import os
 import sys
 
 from marginface import __version__
-from marginface.cli import data, deploy, export, train, viz
+from marginface.cli import data, deploy, export, serve, train, viz
 from marginface.cli import eval as evaluate
 from marginface.cli.options import Parser, print_json
 from marginface.errors import UserError
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"marginface {__version__}",
                    help="print the version and exit")
     sub = p.add_command_group("command")
-    for group in (train, evaluate, data, export, deploy, viz):
+    for group in (train, evaluate, data, export, deploy, serve, viz):
         group.register(sub)
     return p
 

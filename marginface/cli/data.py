@@ -62,15 +62,16 @@ def run_inspect(args) -> int:
         print_json(info)
     else:
         for k, v in info.items():
-            print(f"{k}: {v}")
+            if k != "warnings":  # already said on stderr when inspected
+                print(f"{k}: {v}")
     return 0
 
 
 def run_convert(args) -> int:
-    from marginface.data.tools import convert
+    from marginface.data.tools import convert, format_convert_summary
 
     info = convert(args.src, args.dst, image_size=args.size)
-    print_json(info) if args.json else print(f"converted {args.src} -> {args.dst}: {info}")
+    print_json(info) if args.json else print(format_convert_summary(args.src, info))
     return 0
 
 

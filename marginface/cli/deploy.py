@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from marginface.cli import options
-from marginface.cli.options import add_face_model_options, add_json, check_positive, note, print_json
+from marginface.cli.options import (add_face_model_options, add_json, apply_threads, check_positive, note,
+                                    print_json)
 from marginface.errors import UserError
 
 # deferred: startup time. The deployment stack is imported when a command runs; the face embedder is
@@ -16,8 +17,26 @@ def register(sub) -> None:
     v = sub.add_parser("verify", help="same person? two photos, or every pair of a pairs CSV")
     v.add_argument("images", nargs="*", metavar="IMAGE", help="A.jpg B.jpg")
     v.add_argument("--pairs", help="CSV with file_x,file_y[,Decision|same]; paths relative to the CSV")
+    v.add_argument("--face-a", type=int, metavar="N", help="which face of A (0 = the largest; default: the largest)")
+    v.add_argument("--face-b", type=int, metavar="N", help="which face of B (0 = the largest; default: the largest)")
     add_face_model_options(v)
     v.set_defaults(func=run_verify)
+
+    f = sub.add_parser("identify-folder", help="name the people in a folder of photos (known/ unknown/)",
+                       description="One line per photo of UNKNOWN: file,identity,similarity; 'unknown' below the "
+                                   "threshold, 'no_face' for a photo without a face.")
+    f.add_argument("known", help="folder of identity folders (KNOWN/<name>/*.jpg, enrolled in memory) or a "
+                                 "gallery file (.sqlite, .db, or a legacy .npz) enrolled with the same model")
+    f.add_argument("unknown", help="folder of photos to identify")
+    f.add_argument("--recursive", action="store_true", help="also photos in sub-folders of UNKNOWN")
+    f.add_argument("--top", type=int, default=1, help="matches kept per photo (in --json)")
+    add_face_model_options(f)
+    f.set_defaults(func=run_identify_folder)
+
+    fc = sub.add_parser("faces", help="every face of a photo: box, 5 landmarks, detector score (--json: embeddings too)")
+    fc.add_argument("image", help="photo")
+    add_face_model_options(fc, threshold_help=argparse.SUPPRESS)  # finding faces compares nothing
+    fc.set_defaults(func=run_faces)
 
     g = sub.add_parser("gallery", help="enrol identities and search faces (1:N)")
     gsub = g.add_command_group("gallery_command")
@@ -67,6 +86,8 @@ def run_verify(args) -> int:
                      f"(pass --threshold to set one)")
     else:
         defaulted = ""
+    if args.pairs and (args.face_a is not None or args.face_b is not None):
+        raise UserError("verify: --face-a/--face-b pick a face of two images; --pairs uses each photo's largest")
     if args.pairs:
         result = verify_pair_list(fe, args.pairs)
         if defaulted:
@@ -81,14 +102,58 @@ def run_verify(args) -> int:
                 print(f"{len(result['pairs'])} pairs: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f}, "
                       f"AUC {m['auc']:.4f}, EER {m['eer']:.4f}, best threshold {m['threshold']:.3f}")
         return 0
-    result = verify_images(fe, *args.images)
+    result = verify_images(fe, *args.images, face_a=_face(args.face_a, "--face-a"),
+                           face_b=_face(args.face_b, "--face-b"))
     if defaulted:
         note(defaulted)
     if args.json:
-        print_json({k: result[k] for k in ("similarity", "same", "threshold", "threshold_source")})
+        print_json(result)
     else:
         print(f"similarity {result['similarity']:.4f} -> {'same person' if result['same'] else 'different people'} "
               f"(threshold {result['threshold']:.3f}, {result['threshold_source']})")
+    return 0
+
+
+def _face(index, flag: str):
+    """``--face-a/--face-b N`` -> the face index for `verify_images` (None: the largest)."""
+    if index is None:
+        return "largest"
+    if index < 0:
+        raise UserError(f"{flag} must be >= 0 (0 = the largest face), got {index}")
+    return index
+
+
+def run_identify_folder(args) -> int:
+    from marginface.deploy.gallery import format_identify_rows, identify_folder
+
+    check_positive("--top", args.top)
+    fe = options.face_embedder(args)
+    result = identify_folder(args.known, args.unknown, model=fe, threshold=args.threshold, top_k=args.top,
+                             recursive=args.recursive)
+    if args.json:
+        print_json(result)
+    else:
+        text = format_identify_rows(result)
+        if text:
+            print(text)
+        for item in result["skipped"]:
+            note(f"skipped {item['file']}: {item['reason']}")
+    return 0
+
+
+def run_faces(args) -> int:
+    from marginface.deploy.api import faces
+
+    apply_threads(args.threads)
+    found = faces(args.image, model=options.face_embedder(args))
+    if args.json:
+        print_json({"image": str(args.image), "faces": found})
+    else:
+        for f in found:
+            box = ", ".join(f"{v:.1f}" for v in f["box"])
+            marks = " ".join(f"({x:.1f}, {y:.1f})" for x, y in f["landmarks"])
+            print(f"face {f['face']}: box [{box}] score {f['score']:.3f} landmarks {marks}")
+        print(f"{len(found)} face(s) in {args.image}")
     return 0
 
 
@@ -113,18 +178,19 @@ def run_gallery_enroll(args) -> int:
 
 
 def run_gallery_search(args) -> int:
-    from marginface.deploy.gallery import open_gallery
+    from marginface.deploy.gallery import UNKNOWN, open_gallery, search_face
 
     check_positive("--top", args.top)
     gallery = open_gallery(args.db)
     fe = options.face_embedder(args)
     gallery.check_model(*fe.fingerprint(), where=str(args.db))
-    matches = gallery.matches(fe.embed(args.image), args.top, index=args.index)
+    result = search_face(fe, gallery, args.image, top_k=args.top, threshold=args.threshold, index=args.index)
     if args.json:
-        print_json({"matches": matches, "threshold": fe.threshold})
+        print_json(result)
     else:
-        for rank, m in enumerate(matches, 1):
+        for rank, m in enumerate(result["matches"], 1):
             print(f"{rank:2d}. {m['identity']:30s} {m['similarity']:+.4f}")
+        print(f"-> {result['identity'] if result['known'] else UNKNOWN} (threshold {result['threshold']:.3f})")
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from marginface.cli.options import add_json, add_threads, add_trust_code, apply_threads, print_json
+from marginface.cli.options import (EXPORT_FORMATS, NORMALIZATIONS, PRECISIONS as PRECISION_NAMES, add_json,
+                                    add_threads, add_trust_code, apply_threads, print_json)
 from marginface.errors import UserError
 
 # deferred: startup time. The deployment stack (torch, onnx, onnxruntime) is imported when a command runs.
@@ -16,12 +17,15 @@ def register(sub) -> None:
     x.add_argument("model", nargs="?", metavar="MODEL", help="run directory or checkpoint (.pt); loaded with "
                                                              "torch.load(weights_only=True), so it runs no code")
     x.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
-    x.add_argument("--backbone", help="export this architecture with random weights instead (size checks)")
-    x.add_argument("--format", choices=["onnx", "torchscript", "aoti"], default="onnx",
-                   help="aoti: an ahead-of-time compiled .pt2 (fastest on x86 servers; same torch and CPU to run)")
-    x.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+    x.add_argument("--backbone", help="without a model: export this architecture with random weights (size "
+                                      "checks); with a plain state dict as the model: its architecture, instead "
+                                      "of the one recognised from its tensors")
+    x.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                   help="aoti: an ahead-of-time compiled .pt2 (fastest on x86 servers; same torch and CPU to run); "
+                        "insightface-pth: a state dict insightface's arcface_torch loads (iresnet*, mbf)")
+    x.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                    help="arithmetic of the exported model; onnx: fp32 or int8 (static, needs --calib); "
-                        "aoti: fp32, bf16 or int8 (needs --calib and torchao); torchscript: fp32")
+                        "aoti: fp32, bf16 or int8 (needs --calib and torchao); torchscript, insightface-pth: fp32")
     x.add_argument("--batch-size", type=int, default=1,
                    help="with --format aoti: images per compiled call (1: lowest latency; 16: throughput on a CPU)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
@@ -53,14 +57,15 @@ def register(sub) -> None:
     add_threads(b, "threads for every runtime (default: cores, at most 4)")
     b.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,onnxruntime-int8)")
     b.add_argument("--runs", type=int, default=100, help="timed runs at batch 1")
-    b.add_argument("--normalize", choices=["arcface", "imagenet"],
+    b.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
     add_json(b)
     b.set_defaults(func=run_bench)
 
 
 # what each export format can do with --precision
-PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32",), "aoti": ("fp32", "bf16", "int8")}
+PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32",), "aoti": ("fp32", "bf16", "int8"),
+              "insightface-pth": ("fp32",)}
 
 
 def model_argument(args, command: str):

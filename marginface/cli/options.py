@@ -30,6 +30,15 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        # argparse formats a new option's metavar once to check it, which would read `Names` choices
+        # (importing torch) while the parser is built; a stand-in metavar skips that, then goes
+        if isinstance(kwargs.get("choices"), Names) and "metavar" not in kwargs:
+            action = super().add_argument(*args, metavar="NAME", **kwargs)
+            action.metavar = None
+            return action
+        return super().add_argument(*args, **kwargs)
+
     def add_command_group(self, dest: str, **kwargs):
         """Subcommands under this parser; the parser alone (``marginface data``) prints its usage."""
         sub = self.add_subparsers(dest=dest, parser_class=Parser, metavar="COMMAND", **kwargs)
@@ -49,6 +58,43 @@ def print_json(obj) -> None:
     """The one place --json output is printed: always valid JSON (NaN/inf become null, numpy
     values plain numbers; ``allow_nan=False`` makes a stray non-finite number fail here, loudly)."""
     print(dumps(obj))
+
+
+class Names:
+    """argparse ``choices`` read from a library registry (``module.ATTR``: a mapping or tuple of names)
+    the first time they are needed: checking a given value, ``--help`` or an error message. The
+    registry modules import torch, so building the parser stays light (`marginface --help`)."""
+
+    def __init__(self, module: str, attr: str, exclude: tuple = ()):
+        self.module, self.attr, self.exclude = module, attr, tuple(exclude)
+        self._names = None
+
+    def names(self) -> list:
+        if self._names is None:
+            import importlib
+
+            registry = getattr(importlib.import_module(self.module), self.attr)
+            self._names = [str(n) for n in registry if n not in self.exclude]
+        return self._names
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"Names({self.module}.{self.attr})"
+
+
+# the registries behind the command line's choices (docs/architecture.md: registries are the one list of names)
+DETECTORS = Names("marginface.data.detect", "DETECTORS")
+NORMALIZATIONS = Names("marginface.data.transforms", "NORMALIZATIONS")
+PRECISIONS = Names("marginface.deploy.compiled", "PRECISIONS")  # the compiled subset of inference.PRECISIONS
+EXPORT_FORMATS = Names("marginface.deploy.export", "FORMATS")
 
 
 def note(message: str) -> None:
@@ -77,6 +123,15 @@ def add_model_argument(parser, *, required: bool = True) -> None:
     """``--model`` and ``--trust-code``: every command that loads a model for inference."""
     parser.add_argument("--model", required=required, help=MODEL_HELP)
     add_trust_code(parser)
+
+
+BACKBONE_HELP = ("architecture of a plain state dict given as --model (e.g. insightface's backbone.pth), "
+                 "instead of the one recognised from its tensors; not for checkpoints, ONNX or TorchScript")
+
+
+def add_backbone_override(parser) -> None:
+    """``--backbone NAME``: every command that loads a model for inference (`load_model(backbone=)`)."""
+    parser.add_argument("--backbone", metavar="NAME", help=BACKBONE_HELP)
 
 
 def add_trust_code(parser) -> None:
@@ -112,7 +167,7 @@ DETECTOR_WEIGHTS_HELP = ("detector weights: the MTCNN folder or the RetinaFace f
 
 def add_detector_options(parser) -> None:
     """``--detector mtcnn|retinaface`` and ``--detector-weights`` (``--weights``: the old name, hidden)."""
-    parser.add_argument("--detector", choices=["mtcnn", "retinaface"], default="mtcnn",
+    parser.add_argument("--detector", choices=DETECTORS, default="mtcnn",
                         help="face detector that finds and aligns the faces")
     parser.add_argument("--detector-weights", metavar="PATH", help=DETECTOR_WEIGHTS_HELP)
     parser.add_argument("--weights", dest="detector_weights", help=argparse.SUPPRESS)
@@ -124,12 +179,13 @@ def add_json(parser, help: str = "print the result as one JSON object") -> None:
 
 def add_embedding_options(parser) -> None:
     """How eval, identify and embed run the model: the options `embedding_model` reads."""
+    add_backbone_override(parser)
     parser.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     add_threads(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--normalize", choices=["arcface", "imagenet"], help="input normalisation (default: the model's)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, help="input normalisation (default: the model's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="bf16: autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs); int8: static "
                              "x86 int8 calibrated on the first batch, always compiled (needs torchao; CPU, PyTorch "
                              "models); fp32 is the reference")
@@ -140,19 +196,14 @@ def add_embedding_options(parser) -> None:
 
 
 def eval_device(name: str, model):
+    """``--device``: `inference.resolve_device` (the one resolver); ONNX Runtime models run on the CPU here."""
     import torch
 
+    from marginface.inference import resolve_device
+
     if not isinstance(model, torch.nn.Module):
-        return torch.device("cpu")  # ONNX Runtime models run on the CPU here
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: not a device: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available")
-    return device
+        return torch.device("cpu")
+    return resolve_device(name, "--device")
 
 
 def eval_model_info(model) -> dict:
@@ -162,7 +213,7 @@ def eval_model_info(model) -> dict:
 
     info = model.info
     # reports have always named an exported file's wrapper class here, not the metadata's backbone
-    backbone = info.backbone if info.kind in ("checkpoint", "random") else None
+    backbone = info.backbone if info.kind in ("checkpoint", "state_dict", "random") else None
     return {"backbone": backbone or type(model).__name__,
             "params": count_parameters(model) if isinstance(model, torch.nn.Module) else None,
             "embedding_size": info.embedding_size}
@@ -184,7 +235,8 @@ def embedding_model(args) -> tuple:
     from marginface.inference import EmbedOptions
 
     apply_threads(args.threads)
-    model = load_model(args.model, normalize=args.normalize, threads=args.threads, trust_code=args.trust_code)
+    model = load_model(args.model, normalize=args.normalize, threads=args.threads, trust_code=args.trust_code,
+                       backbone=args.backbone)
     device = eval_device(args.device, model)
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -207,7 +259,8 @@ THRESHOLD_HELP = "cosine threshold for 'same' (default: the model's eval thresho
 def add_face_model_options(p, *, threshold_help: str = THRESHOLD_HELP) -> None:
     """verify and gallery enroll/search: a model plus the detector that finds the faces."""
     add_model_argument(p)
-    p.add_argument("--normalize", choices=["arcface", "imagenet"],
+    add_backbone_override(p)
+    p.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
     add_detector_options(p)
     p.add_argument("--threshold", type=float, help=threshold_help)
@@ -222,7 +275,13 @@ def face_embedder(args):
     from marginface.deploy.embedder import FaceEmbedder
 
     apply_threads(args.threads)  # the detector runs in torch: same thread count
-    fe = FaceEmbedder(args.model, normalize=args.normalize, detector=args.detector,
+    model = args.model
+    if getattr(args, "backbone", None) is not None:  # a plain state dict with an architecture override
+        from marginface.deploy.load import load_model
+
+        model = load_model(args.model, normalize=args.normalize, threads=args.threads,
+                           trust_code=args.trust_code, backbone=args.backbone)
+    fe = FaceEmbedder(model, normalize=args.normalize, detector=args.detector,
                       detector_weights=args.detector_weights, flip=not args.no_flip, threshold=args.threshold,
                       batch_size=args.batch_size, threads=args.threads, trust_code=args.trust_code)
     return fe

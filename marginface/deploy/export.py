@@ -78,7 +78,13 @@ METADATA_KEYS = {
 def load_source(model_or_path, *, backbone: Optional[str] = None, embedding_size: Optional[int] = None,
                 input_size: int = 112, width_mult: Optional[float] = None) -> torch.nn.Module:
     """A torch backbone to export: an ``nn.Module`` as is, a run dir / checkpoint, or (with
-    ``backbone``) a randomly initialised architecture."""
+    ``backbone`` and no model) a randomly initialised architecture. ``backbone`` with a path: the
+    architecture of a plain state dict (an error for a marginface checkpoint, which records its own)."""
+    if backbone and isinstance(model_or_path, (str, Path)):
+        path = Path(model_or_path)
+        if path.suffix.lower() == ".onnx":
+            raise UserError(f"{path}: already an ONNX model; export takes a run directory or a .pt checkpoint")
+        return load_torch_model(path, backbone=backbone)
     if backbone:
         options = {"width_mult": width_mult} if width_mult else {}
         return random_backbone(backbone, embedding_size, input_size, **options)

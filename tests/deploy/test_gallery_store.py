@@ -360,6 +360,9 @@ def test_sigkill_mid_enroll_leaves_the_last_commit(tmp_path, spawned):
 
 # ---------------------------------------------------------------------------------------------- CLI
 class FakeFace:
+    box = (0.0, 0.0, 10.0, 10.0)
+    score = 1.0
+
     def __init__(self, crop):
         self.crop = crop
 
@@ -368,6 +371,7 @@ class FakeEmbedder:
     """The embedder interface enrolment uses; an 'image' embeds as a vector seeded by its bytes."""
 
     threshold = 0.3
+    threshold_source = "model"
 
     def __init__(self, probe_key=99):
         self.probe_key = probe_key
@@ -378,6 +382,9 @@ class FakeEmbedder:
         if data.startswith(b"noface"):
             raise UserError(f"{path}: no face found")
         return FakeFace(vec(int.from_bytes(data[:4], "little")))
+
+    def pick_face(self, path, which="largest"):  # `gallery search` (search_face): the one face of the image
+        return 0, self.largest_face(path), 1
 
     def embed_crops(self, crops):
         return np.asarray(crops, np.float32)
@@ -426,7 +433,8 @@ def test_cli_enroll_adds_lists_removes(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out)["gallery_identities"] == 3
     code, out, _ = cli(capsys, "gallery", "search", tmp_path / "c" / "cy" / "7.jpg", "--db", db, "--top", "2", *model)
     result = json.loads(out)
-    assert result["matches"][0] == {"identity": "cy", "similarity": pytest.approx(1.0, abs=1e-5), "images": 1}
+    assert result["matches"][0] == {"identity": "cy", "similarity": pytest.approx(1.0, abs=1e-5), "images": 1,
+                                  "known": True}  # search_face: thresholded
     assert len(result["matches"]) == 2 and out.count("\n") == 1
     code, out, _ = cli(capsys, "gallery", "remove", "bob", "--db", db, "--json")
     assert code == 0 and json.loads(out)["gallery_identities"] == 2
