@@ -52,10 +52,16 @@ def register(sub) -> None:
                                                              "--trust-code)")
     b.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
     add_trust_code(b)
-    b.add_argument("--backbone", help="time this architecture with random weights")
+    b.add_argument("--backbone", help="time this architecture (random weights; with MODEL: the architecture of a "
+                                      "plain state dict)")
+    b.add_argument("--weights", choices=["trained-looking", "fresh"], default="trained-looking",
+                   help="with --backbone and no MODEL: random weights with trained BatchNorm/PReLU ranges, or as "
+                        "initialised")
     b.add_argument("--input-size", type=int, default=112, help="with --backbone: input side in pixels")
     add_threads(b, "threads for every runtime (default: cores, at most 4)")
-    b.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,onnxruntime-int8)")
+    b.add_argument("--runtimes", help="comma-separated (default: torch,onnxruntime,onnxruntime-int8); "
+                                      "torch-compiled-auto compiles fp32/bf16/int8 and shows which --precision auto "
+                                      "takes")
     b.add_argument("--runs", type=int, default=100, help="timed runs at batch 1")
     b.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
@@ -116,6 +122,7 @@ def run_export(args) -> int:
 
 
 def run_bench(args) -> int:
+    from marginface.deploy.autoprecision import choice_lines  # deferred: startup time
     from marginface.deploy.bench import DEFAULT_RUNTIMES, bench
 
     args.model = model_argument(args, "bench")
@@ -127,16 +134,25 @@ def run_bench(args) -> int:
     apply_threads(args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else list(DEFAULT_RUNTIMES)
     result = bench(args.model, backbone=args.backbone, runtimes=runtimes, threads=args.threads, runs=args.runs,
-                   normalize=args.normalize, input_size=args.input_size, trust_code=args.trust_code)
+                   normalize=args.normalize, input_size=args.input_size, trust_code=args.trust_code,
+                   weights=args.weights)
     if args.json:
         print_json(result)
     else:
         size = (f"{result['params'] / 1e6:.2f}M params, {result['gmacs']:.3f} GMACs" if result["params"] is not None
                 else f"compiled {result['precision']} package, batch {result['compiled_batch']}")
-        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB, {result['threads']} threads")
+        weights = f", {result['weights']} weights" if result.get("weights") not in (None, "model") else ""
+        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB, {result['threads']} threads{weights}")
+        agreement = result.get("min_cosine_vs_first", {})
         for name, lat in result["latency_ms"].items():
+            cos = f"   min cosine {agreement[name]:.4f}" if name in agreement else ""
             print(f"  {name:24s} batch 1: {lat['median']:7.2f} ms (p90 {lat['p90']:.2f})   "
-                  f"batch {result['batch']['throughput']}: {result['throughput_ips'][name]:8.1f} img/s")
+                  f"batch {result['batch']['throughput']}: {result['throughput_ips'][name]:8.1f} img/s{cos}")
         for name, why in result.get("skipped", {}).items():
             print(f"  {name:24s} skipped: {why}")
+        if agreement:
+            print(f"  (min cosine: each runtime's embeddings against the first runtime's, {next(iter(agreement))})")
+        if "precision_auto" in result:
+            for line in choice_lines(result["precision_auto"]):
+                print(f"  {line}")
     return 0

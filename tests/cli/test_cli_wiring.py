@@ -214,3 +214,16 @@ def test_serve_help_and_a_bad_model(tmp_path):
                           "--port", "0"], env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and "nope.onnx" in bad.stderr
+
+
+def test_bench_text_names_the_weights_and_shows_the_parity_cosines(capsys):
+    rc, out, _ = run(capsys, "bench", "--backbone", "mbf", "--input-size", "32", "--runtimes", "torch,onnxruntime",
+                     "--runs", "3", "--threads", "1")
+    assert rc == 0
+    assert "trained-looking weights" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "min cosine 1.0000" in lines["torch"]  # the first runtime against itself
+    assert "min cosine 0.99" in lines["onnxruntime"] or "min cosine 1.0000" in lines["onnxruntime"]
+    rc, out, _ = run(capsys, "bench", "--backbone", "mbf", "--input-size", "32", "--runtimes", "torch",
+                     "--runs", "3", "--weights", "fresh", "--json")
+    assert rc == 0 and json.loads(out)["weights"] == "fresh"
