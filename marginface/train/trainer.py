@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from marginface.config import Config, dump_yaml, to_dict
 from marginface.data.dataset import FaceDataset, normalize_batch
 from marginface.errors import UserError
 from marginface.evaluate.metrics import DEFAULT_FAR_TARGETS, far_key
-from marginface.evaluate.report import write_report
+from marginface.evaluate.report import load_report, write_report
 from marginface.evaluate.runner import EvaluationStopped, evaluate_pair_set
 from marginface.heads.partial_fc import classifier_memory, describe_memory
 from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
@@ -461,6 +462,9 @@ class Trainer:
             distributed.barrier()
             return
         path = self.resume_from or rundir.resume_checkpoint(self.run_dir)
+        if path is None and self.dist.is_main and self.console:  # a job script may always pass --resume: say it
+            print(f"note: --resume: {self.run_dir} holds no checkpoint yet; starting a new run there "
+                  f"(check --out if you meant to continue another run)", file=sys.stderr, flush=True)
         if path is not None:
             try:
                 self.load(path)
@@ -503,6 +507,7 @@ class Trainer:
             signal.signal(s, self._on_signal)
         # CPU: glibc keeps freed memory for the run, so each step stops re-faulting gigabytes of fresh pages
         keep_memory = self.device.type == "cpu" and self.cfg.train.cpu_keep_memory and malloc.keep_freed_memory(True)
+        self._session_start_step = self.step
         try:
             self._loop()
             return self._finish()
@@ -628,6 +633,12 @@ class Trainer:
             self.logger.record("bad_images", self.step, {"epoch": epoch, "count": count})
 
     def _finish(self) -> dict:
+        if self._already_finished():
+            # `--resume` on a finished run: the reports stay as they are (a later `marginface eval
+            # --model RUN` may have added sets to them)
+            self.logger.message(f"the run had already finished at step {self.step}; "
+                                f"{self.run_dir / 'report.json'} is left as it is")
+            return load_report(self.run_dir)
         if self.val_sets and self.last_eval_step != self.step:
             self._evaluate_and_keep_best()
         else:
@@ -651,3 +662,10 @@ class Trainer:
         if self.console:
             print("\n" + format_table(self.last_eval), flush=True)
         return report
+
+    def _already_finished(self) -> bool:
+        """Nothing was trained in this session, the run's end was evaluated (or it has no sets) and
+        its report is on disk."""
+        return (self.step == self._session_start_step and self.step >= self.total_steps
+                and (not self.val_sets or self.last_eval_step == self.step)
+                and (self.run_dir / "report.json").is_file())

@@ -190,4 +190,22 @@ def test_console_warns_when_the_run_ends_inside_the_warmup_and_says_where_it_res
     Trainer(tiny("train.max_steps=3", "data.val=[]", "schedule.warmup_steps=2"), tmp_path / "b").fit()
     assert "warmup" not in capsys.readouterr().err
     Trainer(tiny("train.max_steps=5", "data.val=[]", "schedule.warmup_steps=2"), tmp_path / "b", resume=True).fit()
-    assert "resuming at step 3 of 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming at step 3 of 5" in err and "holds no checkpoint" not in err
+    # --resume on a directory with no run (a mistyped --out): it starts, and says so
+    Trainer(tiny("train.max_steps=1", "data.val=[]"), tmp_path / "typo", resume=True).fit()
+    assert "--resume: " + str(tmp_path / "typo") + " holds no checkpoint yet; starting a new run" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_leaves_its_reports_alone(tmp_path, capsys):
+    cfg = ("train.max_steps=2", "data.synthetic.val_pairs=40")
+    Trainer(tiny(*cfg), tmp_path, console=False).fit()
+    report = json.loads((tmp_path / "report.json").read_text())
+    report["eval"]["added_later"] = dict(report["eval"]["synthetic"])  # as `marginface eval --model RUN` adds sets
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "report.json", tmp_path / "report.md",
+                                                 tmp_path / "checkpoints" / "last.pt")}
+    again = Trainer(tiny(*cfg), tmp_path, resume=True).fit()
+    assert "added_later" in again["eval"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "had already finished at step 2" in capsys.readouterr().err
