@@ -660,8 +660,18 @@ class Trainer:
         atomic_write_json(self.run_dir / "report.json", report)
         write_report(self.run_dir, report)  # report.md and the ROC plot beside report.json
         if self.console:
-            print("\n" + format_table(self.last_eval), flush=True)
+            print("\n" + self._final_caption() + "\n" + format_table(self.last_eval), flush=True)
         return report
+
+    def _final_caption(self) -> str:
+        """What the final table is: which step and checkpoint it evaluates, and which one best.pt
+        holds (what `eval` / `export` / `verify` use by default)."""
+        sets = ", ".join(self.last_eval) or "no sets"
+        line = f"evaluation of the last step ({self.step}, checkpoints/last.pt) on {sets}"
+        if self.best.get("step") is not None and self.best.get("value") is not None:
+            line += (f"; best.pt (used by eval/export/verify) is step {self.best['step']}, "
+                     f"{self.best['metric']} = {self.best['value']:.4f}")
+        return line + f"; report: {self.run_dir / 'report.json'}"
 
     def _already_finished(self) -> bool:
         """Nothing was trained in this session, the run's end was evaluated (or it has no sets) and

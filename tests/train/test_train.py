@@ -209,3 +209,11 @@ def test_resume_of_a_finished_run_leaves_its_reports_alone(tmp_path, capsys):
     assert "added_later" in again["eval"]
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert "had already finished at step 2" in capsys.readouterr().err
+
+
+def test_final_table_says_which_checkpoint_it_shows_and_where_the_report_is(tmp_path, capsys):
+    Trainer(tiny("train.max_steps=4", "eval.every=2", "data.synthetic.val_pairs=40"), tmp_path).fit()
+    out = capsys.readouterr().out
+    assert "evaluation of the last step (4, checkpoints/last.pt) on synthetic" in out
+    assert "best.pt (used by eval/export/verify) is step " in out and "synthetic/accuracy = " in out
+    assert f"report: {tmp_path / 'report.json'}" in out
