@@ -1,9 +1,9 @@
-"""verify_pair_list / verify_images with a stand-in embedder: the scoring and bookkeeping around
+"""verify_pair_list with a stand-in embedder: the scoring and bookkeeping around
 the model (thresholds, labels, relative paths, metrics), independent of any network."""
 import numpy as np
 import pytest
 
-from marginface.deploy.verify import verify_images, verify_pair_list
+from marginface.deploy.verify import verify_pair_list
 from marginface.errors import UserError
 
 
@@ -54,11 +54,3 @@ def test_unlabelled_pairs_have_no_eval_and_a_missing_image_is_named(tmp_path):
     csv.write_text("file_x,file_y\nimg/a.png,img/missing.png\n")
     with pytest.raises(UserError, match="missing.png does not exist"):
         verify_pair_list(VectorsByName(vectors), csv)
-
-
-def test_verify_images_compares_with_the_embedders_threshold():
-    emb = VectorsByName({"x": [1, 0], "y": [0.6, 0.8]})
-    out = verify_images(emb, "x.png", "y.png")
-    assert out["similarity"] == pytest.approx(0.6) and out["same"] is True
-    emb.threshold = 0.7
-    assert verify_images(emb, "x.png", "y.png")["same"] is False
