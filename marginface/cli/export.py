@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from marginface.cli.options import (EXPORT_FORMATS, NORMALIZATIONS, PRECISIONS as PRECISION_NAMES, add_json,
+from marginface.cli.options import (EXPORT_FORMATS, NORMALIZATIONS, EXPORT_PRECISIONS as PRECISION_NAMES, add_json,
                                     add_threads, add_trust_code, apply_threads, print_json)
 from marginface.errors import UserError
 
@@ -25,7 +25,9 @@ def register(sub) -> None:
                         "insightface-pth: a state dict insightface's arcface_torch loads (iresnet*, mbf)")
     x.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                    help="arithmetic of the exported model; onnx: fp32 or int8 (static, needs --calib); "
-                        "aoti: fp32, bf16 or int8 (needs --calib and torchao); torchscript, insightface-pth: fp32")
+                        "aoti: fp32, bf16, int8 (needs --calib and torchao) or auto (the fastest path whose "
+                        "output matches fp32, timed here; int8 is a candidate with --calib); "
+                        "torchscript, insightface-pth: fp32")
     x.add_argument("--batch-size", type=int, default=1,
                    help="with --format aoti: images per compiled call (1: lowest latency; 16: throughput on a CPU)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
@@ -70,7 +72,7 @@ def register(sub) -> None:
 
 
 # what each export format can do with --precision
-PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32",), "aoti": ("fp32", "bf16", "int8"),
+PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32",), "aoti": ("fp32", "bf16", "int8", "auto"),
               "insightface-pth": ("fp32",)}
 
 

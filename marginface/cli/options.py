@@ -94,6 +94,7 @@ class Names:
 DETECTORS = Names("marginface.data.detect", "DETECTORS")
 NORMALIZATIONS = Names("marginface.data.transforms", "NORMALIZATIONS")
 PRECISIONS = Names("marginface.deploy.compiled", "PRECISIONS")  # the compiled subset of inference.PRECISIONS
+EXPORT_PRECISIONS = Names("marginface.deploy.export", "EXPORT_PRECISIONS")  # + auto (export --format aoti)
 EXPORT_FORMATS = Names("marginface.deploy.export", "FORMATS")
 
 

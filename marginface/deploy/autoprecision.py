@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ACCURACY_BOUNDS = {"fp32": 0.9999, "bf16": 0.995, "int8": 0.98}
 CACHE_SUFFIX = ".precision.json"
 CACHE_FORMAT = 1
+AUTO = "auto"  # the --precision value that asks `choose_precision`
 EAGER = "eager-fp32"  # what `PrecisionChoice.precision` is when no compiled path passed
 
 Builder = Callable[..., object]  # (model, precision, batch_size=, calibration=) -> embedder

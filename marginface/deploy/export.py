@@ -28,6 +28,7 @@ import torch
 
 from marginface.data.synthetic import render_identities
 from marginface.data.transforms import NORMALIZATIONS, to_tensor
+from marginface.deploy.autoprecision import AUTO, choose_precision
 from marginface.deploy.compiled import CompiledEmbedder, PRECISIONS
 from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
 from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_model, load_torch_model, random_backbone
@@ -243,19 +244,27 @@ def export_compiled(model: torch.nn.Module, out: Union[str, Path], *, precision:
     if calib:
         images = load_calibration_images(calib, _input_hw(model), limit=calib_limit)
     else:
-        images = parity_images(_input_hw(model), max(batch_size, 1))
+        images = parity_images(_input_hw(model), max(batch_size, 1 if precision != AUTO else 16))
     x = to_tensor(images, ModelInfo.of(model).normalize)
+    report: dict = {}
+    if precision == AUTO:  # the fastest path that reproduces fp32 on these images (int8 only with real faces)
+        choice = choose_precision(model, x, precisions=tuple(p for p in PRECISIONS if calib or p != "int8"))
+        report["precision_auto"] = choice.to_dict()
+        if choice.precision not in PRECISIONS:
+            raise UserError("--precision auto: no compiled path reproduced eager fp32 within its bound "
+                            "(see `marginface bench --runtimes torch-compiled-auto`); export --precision fp32")
+        precision = choice.precision
     embedder = CompiledEmbedder(model, precision, batch_size=batch_size, calibration=x)
     embedder(x[:batch_size])  # compiles (int8: calibrated on every calibration image)
     embedder.save(out)
-    return {"precision": precision, "batch_size": batch_size}
+    return {"precision": precision, "batch_size": batch_size, **report}
 
 
 def _check_compiled_args(out: Union[str, Path], precision: str, calib) -> None:
     if Path(out).suffix != ".pt2":
         raise UserError(f"--out {out}: a compiled package must end in .pt2")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS + (AUTO,):
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS + (AUTO,))}, got {precision!r}")
     if precision == "int8" and not calib:
         raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
 
@@ -283,6 +292,7 @@ def export_insightface_pth(model: torch.nn.Module, out: Union[str, Path]) -> dic
     return {"insightface_name": OURS_TO_INSIGHTFACE[name], "num_features": info.embedding_size}
 
 
+EXPORT_PRECISIONS = PRECISIONS + (AUTO,)  # `export --precision`: auto picks among the compiled ones
 FORMATS = ("onnx", "torchscript", "aoti", "insightface-pth")
 
 
