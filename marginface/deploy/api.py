@@ -1,4 +1,4 @@
-"""One-call helpers behind ``marginface.verify``, ``marginface.embed`` and ``marginface.evaluate``.
+"""One-call helpers behind ``marginface.verify``, ``marginface.embed`` and ``marginface.evaluate_model``.
 
     import marginface
     r = marginface.verify("a.jpg", "b.jpg", model="model.onnx")   # the fields of `verify --json`
