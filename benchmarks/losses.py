@@ -11,7 +11,7 @@ import json
 import tempfile
 import time
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.train.trainer import Trainer
 
 VARIANTS = {

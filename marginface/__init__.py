@@ -19,7 +19,7 @@ import importlib as _importlib
 __version__ = "0.1.0"
 
 _API = {
-    "load_config": "marginface.config:load_config",
+    "load_config": "marginface.train.runconfig:load_config",
     "Trainer": "marginface.train.trainer:Trainer",
     "build_backbone": "marginface.models:build_backbone",
     "load_model": "marginface.deploy.load:load_model",

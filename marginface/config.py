@@ -20,14 +20,8 @@ import math
 
 import yaml
 
-from marginface.data.textfiles import read_text
-from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
-from marginface.heads import build_loss_head, loss_head_names
-from marginface.heads.partial_fc import DTYPES, SHARD_DTYPES
-from marginface.models.registry import BACKBONES
-from marginface.train.optim import OPTIMIZERS  # below config in the package order (tests/test_layering.py)
-from marginface.train.schedule import SCHEDULES  # idem
+from marginface.io.textfiles import read_text
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (auto: bf16 on CPUs that have it, fp16 on CUDA)
 VAL_ALIGN = ("auto", "detect")  # data.val_align
@@ -434,14 +428,16 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The resolved config: defaults <- file <- ``key=value`` overrides, then validated."""
+def resolve_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- file <- ``key=value`` overrides, checked for everything the config alone can tell
+    (types, ranges, cross-field rules). Names of components (backbone, loss, optimizer, ...) are
+    checked against their registries one layer up: `marginface.train.runconfig.load_config`."""
     data = read_config_file(path) if path else {}
-    return config_from_dict(data, overrides, where=f"{path}: " if path else "")
+    return resolve_dict(data, overrides, where=f"{path}: " if path else "")
 
 
-def config_from_dict(data: dict, overrides: typing.Sequence[str] = (), where: str = "") -> Config:
-    """`load_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
+def resolve_dict(data: dict, overrides: typing.Sequence[str] = (), where: str = "") -> Config:
+    """`resolve_config` of an already-read mapping (e.g. the config a checkpoint holds)."""
     data = migrate_renamed(copy.deepcopy(data), where)  # old key names -> new, so an override of either wins
     # check the file alone first so its errors name the file
     _check_values(from_dict(Config, data, where=where), where)
@@ -510,7 +506,7 @@ def _check_numbers(obj: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express (component names: see `resolve_config`)."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(msg)
@@ -526,14 +522,6 @@ def validate(cfg: Config) -> None:
          f"config key 'train.checkpoint_every' must be >= 1, got {cfg.train.checkpoint_every}")
     need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     _check_values(cfg)
-    # names come from the registries of their owners (the CLI's choices and the tests read the same ones)
-    one_of("model.backbone", cfg.model.backbone, list(BACKBONES))
-    one_of("head.loss", cfg.head.loss, loss_head_names())
-    one_of("optim.name", cfg.optim.name, list(OPTIMIZERS))
-    one_of("schedule.name", cfg.schedule.name, list(SCHEDULES))
-    one_of("head.shard_dtype", cfg.head.shard_dtype, list(SHARD_DTYPES))
-    one_of("head.compute_dtype", cfg.head.compute_dtype, list(DTYPES))
-    one_of("data.input_norm", cfg.data.input_norm, list(NORMALIZATIONS))
     one_of("data.val_align", cfg.data.val_align, VAL_ALIGN)
     one_of("train.amp", cfg.train.amp, AMP_MODES)
     need(0.0 < cfg.head.sample_rate <= 1.0, f"config key 'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
@@ -542,10 +530,6 @@ def validate(cfg: Config) -> None:
     need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
-    # the loss head checks its own parameters (names and values) and says which are valid
-    h = cfg.head
-    build_loss_head(h.loss, 8, 2, h.params, num_subcenters=h.num_subcenters, focal_gamma=h.focal_gamma,
-                    sample_rate=h.sample_rate, shard_dtype=h.shard_dtype, compute_dtype=h.compute_dtype)
     need(cfg.head.loss != "pair_bce" or cfg.data.samples_per_identity >= 2,
          "head.loss = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 

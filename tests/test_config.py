@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marginface.config import Config, dump_yaml, load_config, parse_override, to_dict
+from marginface.config import Config, dump_yaml, parse_override, to_dict
+from marginface.train.runconfig import load_config
 from marginface.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

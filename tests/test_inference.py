@@ -106,7 +106,8 @@ def test_embed_options():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A checkpoint as training writes it (config, weights, last_eval) of a tiny random mbf."""
-    from marginface.config import load_config, to_dict
+    from marginface.config import to_dict
+    from marginface.train.runconfig import load_config
     from marginface.train.setup import build_model
 
     cfg = load_config(None, ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=64",

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from marginface import cli
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.align import ARCFACE_TEMPLATE_112
 from marginface.data.synthetic import HELD_OUT_OFFSET, SyntheticSource, write_synthetic
 from marginface.data.verification import pairs_from_identities

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
 from marginface.heads.factory import PAIR_LOSSES

@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from marginface.data import images
-from marginface.data.textfiles import read_text
+from marginface.io.textfiles import read_text
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_path, atomic_write_text, ensure_dir, write_error
 

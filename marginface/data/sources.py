@@ -22,7 +22,7 @@ from marginface.data.align import align_face, crop_box
 from marginface.data.images import read_image
 from marginface.data.recordio import RecordIOSource
 from marginface.data.synthetic import SyntheticSource
-from marginface.data.textfiles import csv_rows, read_text
+from marginface.io.textfiles import csv_rows, read_text
 from marginface.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})

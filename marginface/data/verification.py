@@ -29,7 +29,7 @@ from marginface.data.align import align_face
 from marginface.data.images import decode_image, read_image
 from marginface.data.pairs import PairSet, pairs_from_identities  # noqa: F401  (defined there, public here)
 from marginface.data.sources import FolderSource
-from marginface.data.textfiles import check_regular_file, csv_rows, read_text
+from marginface.io.textfiles import check_regular_file, csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)

@@ -1,7 +1,7 @@
 """Optimizers by name: `OPTIMIZERS` (name -> builder) is the one list of ``optim.name`` values.
 
 A builder takes the parameter groups and the ``optim`` section (any object with the `OptimConfig`
-fields) and returns the torch optimizer. `marginface.config.validate` checks ``optim.name``
+fields) and returns the torch optimizer. `marginface.train.runconfig.check_components` checks ``optim.name``
 against `OPTIMIZERS`, `marginface.train.setup.build_optimizer` builds from it (and re-exports it),
 and the command line offers its keys. This module imports nothing of ours but `marginface.errors`
 (the package order places it below `config`).

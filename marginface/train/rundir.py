@@ -20,10 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
-from marginface.config import Config, config_from_dict, load_config, read_config_file
+from marginface.config import Config, read_config_file
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_write_text, remove_stale_temps
 from marginface.train.checkpoint import remove_stale_checkpoint_temps
+from marginface.train.runconfig import config_from_dict, load_config
 
 # the files and folders a training run writes into its directory (all removed by --overwrite)
 RUN_ENTRIES = ("checkpoints", "log.jsonl", "tensorboard", "report.json", "report.md", "roc.png", "scores.png")

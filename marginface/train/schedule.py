@@ -3,7 +3,7 @@
 Being a pure function of ``step`` makes resume exact: nothing but the step is needed to restore it.
 
 `SCHEDULES` (name -> factor function) is the one list of schedule names: ``schedule.name`` is
-checked against it by `marginface.config.validate`, the command line offers its keys, and the
+checked against it by `marginface.train.runconfig`, the command line offers its keys, and the
 tests run every entry. This module imports nothing of ours but `marginface.errors` (the package
 order places it beside the building blocks, below `config`, which reads `SCHEDULES`); ``cfg`` is
 any object with the `ScheduleConfig` fields.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.synthetic import (HELD_OUT_OFFSET, SyntheticSource, make_identity, render_image,
                                        synthetic_pair_set)
 from marginface.evaluate.runner import evaluate_pair_set

@@ -33,7 +33,7 @@ from shared_data import need  # noqa: E402  (tests/shared_data.py)
 def trained_run(tmp_path_factory):
     """A quarter-width mbf trained for 60 steps on synthetic faces at 32 px (~10 s): good enough
     that int8 errors would show in accuracy, with a checkpoint whose last_eval has a threshold."""
-    from marginface.config import load_config
+    from marginface.train.runconfig import load_config
     from marginface.train.trainer import Trainer
 
     cfg = load_config(None, [

@@ -3,7 +3,7 @@
 import json
 
 from marginface.cli import main
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.images import imwrite_rgb
 from marginface.data.synthetic import render_image
 from marginface.train.trainer import Trainer

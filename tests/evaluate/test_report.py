@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from marginface.cli import main
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.verification import PairSet
 from marginface.evaluate.report import (
     compare_reports,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.data.synthetic import synthetic_pair_set
 from marginface.data.transforms import to_tensor
 from marginface.models import build_backbone

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.train import distributed as D
 from marginface.train.checkpoint import load_backbone, load_checkpoint
 from marginface.train.trainer import Trainer

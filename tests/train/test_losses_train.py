@@ -5,7 +5,7 @@ An untrained network scores about 0.55 on this held-out set; 100 steps with any 
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.train.trainer import Trainer
 
 TINY = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",

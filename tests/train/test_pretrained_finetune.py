@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.deploy.load import load_model
 from marginface.errors import UserError
 from marginface.evaluate.runner import evaluate_pair_set

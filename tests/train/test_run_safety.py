@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from marginface import cli
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.train.checkpoint import load_checkpoint
 from marginface.train.trainer import Trainer, TrainingDiverged
 
@@ -233,7 +233,7 @@ def test_bad_run_settings_fail_at_start_up_in_one_line(override, expect, dry_run
 # ---------------------------------------------------------------------------------- signals
 SLOW_STEP = """
 import sys, time
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.train.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[2:]), sys.argv[1], console=False)
 step = trainer._train_step

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from marginface.config import load_config
+from marginface.train.runconfig import load_config
 from marginface.errors import UserError
 from shared_data import need  # tests/shared_data.py
 from marginface.train.checkpoint import load_backbone, load_checkpoint
