@@ -24,7 +24,8 @@ from marginface.errors import UserError
 NORMALIZE_NAMES = ("arcface", "imagenet")
 DEFAULT_NORMALIZE = "arcface"  # the field's convention (insightface-style models)
 DEFAULT_INPUT_SIZE = (112, 112)  # the ArcFace crop, used where a model does not say its size
-KINDS = ("checkpoint", "state_dict", "onnx", "torchscript", "compiled", "random", "module")
+KINDS = ("checkpoint", "state_dict", "onnx", "torchscript", "compiled", "random", "module",
+         "executorch", "tflite", "ncnn", "openvino")  # the last four: phone/edge runtimes (deploy.mobile)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SIDE = 4096  # an input side beyond this is not a face crop

@@ -22,11 +22,14 @@ def register(sub) -> None:
                                       "of the one recognised from its tensors")
     x.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
                    help="aoti: an ahead-of-time compiled .pt2 (fastest on x86 servers; same torch and CPU to run); "
-                        "insightface-pth: a state dict insightface's arcface_torch loads (iresnet*, mbf)")
+                        "insightface-pth: a state dict insightface's arcface_torch loads (iresnet*, mbf); "
+                        "executorch (.pte), tflite, ncnn (.param + .bin), openvino (.xml + .bin): phone/edge "
+                        "runtimes, each an optional extra (docs/mobile.md)")
     x.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                    help="arithmetic of the exported model; onnx: fp32 or int8 (static, needs --calib); "
                         "aoti: fp32, bf16, int8 (needs --calib and torchao) or auto (the fastest path whose "
                         "output matches fp32, timed here; int8 is a candidate with --calib); "
+                        "executorch, tflite, openvino: fp32 or int8 (needs --calib); ncnn: fp32 or fp16; "
                         "torchscript, insightface-pth: fp32")
     x.add_argument("--batch-size", type=int, default=1,
                    help="with --format aoti: images per compiled call (1: lowest latency; 16: throughput on a CPU)")
@@ -71,9 +74,15 @@ def register(sub) -> None:
     b.set_defaults(func=run_bench)
 
 
-# what each export format can do with --precision
+# what each export format can do with --precision (the mobile formats' lists: deploy.mobile.MOBILE_FORMATS)
 PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32",), "aoti": ("fp32", "bf16", "int8", "auto"),
               "insightface-pth": ("fp32",)}
+
+
+def format_precisions() -> dict[str, tuple[str, ...]]:
+    from marginface.deploy.mobile import MOBILE_FORMATS  # deferred: startup time
+
+    return {**PRECISIONS, **{name: fmt.precisions for name, fmt in MOBILE_FORMATS.items()}}
 
 
 def model_argument(args, command: str):
@@ -95,15 +104,16 @@ def run_export(args) -> int:
         if args.precision not in ("fp32", "int8"):
             raise UserError(f"export: --int8 and --precision {args.precision} disagree; give --precision only")
         args.precision = "int8"
-    if args.precision not in PRECISIONS[args.format]:
-        able = " or ".join(f for f, p in PRECISIONS.items() if args.precision in p)
+    precisions = format_precisions()
+    if args.precision not in precisions[args.format]:
+        able = " or ".join(f for f, p in precisions.items() if args.precision in p)
         raise UserError(f"--precision {args.precision} needs --format {able}; --format {args.format} does "
-                        f"{', '.join(PRECISIONS[args.format])}")
+                        f"{', '.join(precisions[args.format])}")
     if args.precision == "int8" and not args.calib:
         raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
     apply_threads(args.threads)
     int8 = args.format == "onnx" and args.precision == "int8"  # ONNX int8: quantised by ONNX Runtime
-    precision = args.precision if args.format == "aoti" else "fp32"
+    precision = args.precision if args.format != "onnx" else "fp32"  # ONNX int8 goes through `int8`
     options = QuantOptions(fmt=args.quant_format, activations=args.activations, per_channel=not args.per_tensor,
                            reduce_range=args.reduce_range, calibration=args.calibration,
                            grouped_convs=args.grouped_convs)

@@ -34,11 +34,12 @@ import torch
 
 from marginface import hardware, malloc
 from marginface.data.transforms import to_tensor
+from marginface.deploy import mobile
 from marginface.deploy.autoprecision import EAGER, choose_precision
 from marginface.deploy.compiled import CompiledEmbedder
-from marginface.deploy.export import export_onnx, file_mb, load_source, parity_images
+from marginface.deploy.export import build_metadata, export_onnx, file_mb, load_source, parity_images
 from marginface.deploy.fold import fold_batchnorm
-from marginface.deploy.load import load_model, trained_looking
+from marginface.deploy.load import load_model, model_files, trained_looking
 from marginface.deploy.onnx_model import OnnxEmbedder, load_onnx_proto
 from marginface.deploy.quantize import QuantOptions, quantize_onnx
 from marginface.errors import UserError
@@ -103,6 +104,7 @@ class BenchContext:
     given_onnx: Optional[Path] = None  # the user's ONNX file when MODEL is one
     normalize: str = "arcface"
     _quantized: dict = field(default_factory=dict)
+    mobile_files: dict = field(default_factory=dict)  # runtime name -> its exported file (`mobile_file`)
     auto_choice: object = None  # the `PrecisionChoice` of the torch-compiled-auto runtime, once built
 
     def fp32_onnx(self) -> Path:
@@ -122,6 +124,21 @@ class BenchContext:
                           options=options, normalize=self.normalize)
             self._quantized[key] = path
         return self._quantized[key]
+
+    def mobile_file(self, fmt: str, precision: str) -> Path:
+        """The torch model exported to a mobile format (`deploy.mobile`); int8 calibrated on the same
+        32 synthetic faces as the ONNX int8 runtime."""
+        key = mobile_runtime_name(fmt, precision)
+        if key not in self.mobile_files:
+            model = _need_torch(self)
+            suffix = mobile.MOBILE_FORMATS[fmt].suffixes[0]
+            path = self.workdir / f"{key}{suffix}"
+            calib = parity_images(self.input_size, 32, seed=1) if precision == "int8" else None
+            folded = fold_batchnorm(model.eval())
+            mobile.export(fmt, folded, path, precision=precision, calib_images=calib,
+                          metadata=build_metadata(model, quantization="none" if precision == "fp32" else precision))
+            self.mobile_files[key] = path
+        return self.mobile_files[key]
 
     def dynamic_int8_onnx(self) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -273,6 +290,19 @@ def _onnxruntime_int8(options=None) -> Callable[[BenchContext], Runner]:
     return build
 
 
+def mobile_runtime_name(fmt: str, precision: str) -> str:
+    """``tflite`` (fp32), ``tflite-int8``, ``ncnn-fp16``...: a mobile format's bench runtime name."""
+    return fmt if precision == "fp32" else f"{fmt}-{precision}"
+
+
+def _mobile_runtime(fmt: str, precision: str) -> Callable[[BenchContext], Runner]:
+    def build(ctx: BenchContext) -> Runner:
+        mobile.MOBILE_FORMATS[fmt].load_module("converter")  # a missing package: skipped, with the pip line
+        embedder = mobile.load(ctx.mobile_file(fmt, precision), ctx.normalize, threads=ctx.threads)
+        return embedder.run_numpy
+    return build
+
+
 def _int8_options(**kw):
     return QuantOptions(**kw)
 
@@ -305,6 +335,8 @@ def _extra_runtimes() -> dict[str, Callable[[BenchContext], Runner]]:
         "onnxruntime-int8-qdq-per-tensor": _onnxruntime_int8(q(fmt="qdq", per_channel=False)),
         "onnxruntime-int8-grouped-int8": _onnxruntime_int8(q(grouped_convs="int8")),
         "onnxruntime-dynamic-int8": lambda ctx: _ort_runner(ctx.dynamic_int8_onnx(), ctx.threads),
+        **{mobile_runtime_name(name, p): _mobile_runtime(name, p)
+           for name, fmt in mobile.MOBILE_FORMATS.items() for p in fmt.precisions},
     }
 
 
@@ -418,6 +450,15 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
             result.update(params=None, file_mb=sizes["pt2"], gmacs=None, input_size=list(hw),
                           embedding_size=package.info.embedding_size, precision=package.info.precision,
                           compiled_batch=package.batch_size)
+        elif spec_path is not None and spec_path.is_file() and mobile.format_of(spec_path) is not None:
+            # a mobile export runs only in its own runtime
+            exported = load_model(spec_path, normalize, threads=threads)
+            hw, ctx, info = exported.info.input_size, None, exported.info
+            runtimes = [mobile_runtime_name(info.kind, info.precision)]
+            builders = {runtimes[0]: lambda _: exported.run_numpy}
+            sizes[info.kind] = round(sum(file_mb(p) for p in model_files(exported)), 3)
+            result.update(params=None, file_mb=sizes[info.kind], gmacs=None, input_size=list(hw),
+                          embedding_size=info.embedding_size, precision=info.precision)
         elif spec_path is not None and spec_path.is_file() and spec_path.suffix.lower() == ".onnx":
             onnx_model = load_model(spec_path, normalize, threads=1)
             hw = onnx_model.info.input_size
@@ -472,6 +513,9 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
         for key, path in (ctx._quantized.items() if ctx else ()):
             if path != ctx.given_onnx:
                 sizes[f"onnx-{key}"] = round(file_mb(path), 3)
+        for key, path in (ctx.mobile_files.items() if ctx else ()):
+            sizes[key] = round(sum(file_mb(p) for p in [path, *(path.with_suffix(s) for s in
+                                                              mobile.format_of(path).companions)]), 3)
         result.update(latency_ms=latency, throughput_ips=throughput, threads=threads, malloc_kept=kept,
                       min_cosine_vs_first=agreement,
                       batch={"latency": 1, "throughput": throughput_batch}, sizes_mb=sizes,

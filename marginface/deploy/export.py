@@ -31,6 +31,7 @@ from marginface.data.transforms import NORMALIZATIONS, to_tensor
 from marginface.deploy.autoprecision import AUTO, choose_precision
 from marginface.deploy.compiled import CompiledEmbedder, PRECISIONS
 from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
+from marginface.deploy import mobile
 from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_model, load_torch_model, random_backbone
 from marginface.deploy.modelfile import atomic_path, file_mb, set_onnx_metadata  # noqa: F401  (public here too)
 from marginface.deploy.quantize import QuantOptions, load_calibration_images, quantize_onnx
@@ -292,8 +293,9 @@ def export_insightface_pth(model: torch.nn.Module, out: Union[str, Path]) -> dic
     return {"insightface_name": OURS_TO_INSIGHTFACE[name], "num_features": info.embedding_size}
 
 
-EXPORT_PRECISIONS = PRECISIONS + (AUTO,)  # `export --precision`: auto picks among the compiled ones
-FORMATS = ("onnx", "torchscript", "aoti", "insightface-pth")
+# `export --precision`: auto picks among the compiled ones; fp16: weight storage of some mobile formats
+EXPORT_PRECISIONS = PRECISIONS + ("fp16", AUTO)
+FORMATS = ("onnx", "torchscript", "aoti", "insightface-pth") + tuple(mobile.MOBILE_FORMATS)
 
 
 def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool = False,
@@ -306,7 +308,7 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if int8 and fmt != "onnx":
         raise UserError("--int8 needs --format onnx (a compiled package takes --precision int8)")
-    if precision != "fp32" and fmt != "aoti":
+    if precision != "fp32" and fmt != "aoti" and fmt not in mobile.MOBILE_FORMATS:
         raise UserError(f"--precision {precision} needs --format aoti (ONNX int8: --int8)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -314,8 +316,12 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         raise UserError("--int8 needs --calib DIR: a folder of aligned face crops for calibration")
     if fmt == "aoti":
         _check_compiled_args(out, precision, calib)  # before the (slow) model load
+    if fmt in mobile.MOBILE_FORMATS:
+        mobile.MOBILE_FORMATS[fmt].load_module("converter")  # a missing converter: one line, before the load
     model = load_source(source, backbone=backbone)
     hw = _input_hw(model)
+    if fmt in mobile.MOBILE_FORMATS:
+        return _finish_report(export_mobile(model, out, fmt, precision, calib, calib_limit), model, out, check)
     if fmt == "aoti":
         report = {"out": str(out), "format": fmt, "int8": precision == "int8",
                   **export_compiled(model, out, precision=precision, batch_size=batch_size, calib=calib,
@@ -341,6 +347,20 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         report["opset"] = opset
         report["quantization"] = quant_options.describe()
     return _finish_report(report, model, out, check)
+
+
+def export_mobile(model: torch.nn.Module, out: Path, fmt: str, precision: str, calib, calib_limit: int) -> dict:
+    """An ExecuTorch / LiteRT / NCNN / OpenVINO export (`deploy.mobile`) of the BN-folded model, with
+    the metadata sidecar; int8 formats calibrate on the ``calib`` folder's aligned crops."""
+    if precision == "int8" and not calib:
+        raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
+    calib_images = load_calibration_images(calib, _input_hw(model), limit=calib_limit) if precision == "int8" else None
+    quantization = "none" if precision == "fp32" else precision
+    metadata = build_metadata(model, quantization=quantization)
+    folded = fold_batchnorm(model.eval())
+    report = {"out": str(out), "format": fmt, "int8": precision == "int8", "precision": precision}
+    report.update(mobile.export(fmt, folded, out, precision=precision, calib_images=calib_images, metadata=metadata))
+    return report
 
 
 def _finish_report(report: dict, model, out: Path, check: bool) -> dict:

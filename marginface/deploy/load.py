@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 import torch
 
+from marginface.deploy import mobile
 from marginface.deploy.compiled import CompiledEmbedder
 from marginface.deploy.onnx_model import OnnxEmbedder
 from marginface.errors import UserError
@@ -187,12 +188,16 @@ def load_model(path_or_run: Union[str, Path], normalize: Optional[str] = None, *
     flush_denormals()  # subnormal activations: 10-100x slower on x86 (docs/performance.md)
     path = Path(path_or_run)
     if not path.exists():
-        raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file)")
+        raise UserError(f"{path}: model not found (expected a run directory, a .pt checkpoint, a .onnx or .pt2 file, "
+                        f"or a mobile export: {', '.join(s for f in mobile.MOBILE_FORMATS.values() for s in f.suffixes)})")
     kind = refuse_untrusted(path, trust_code)  # before any torch/ONNX Runtime code touches the file
-    if backbone is not None and (kind is not None or (path.is_file() and _looks_like_onnx(path))):
+    if backbone is not None and (kind is not None or (path.is_file() and (_looks_like_onnx(path)
+                                                                           or mobile.format_of(path)))):
         raise UserError(f"{path}: --backbone applies to plain state dicts (.pth) only")
     if path.is_file() and _looks_like_onnx(path):
         return OnnxEmbedder(path, normalize, threads=threads)
+    if path.is_file() and mobile.format_of(path) is not None:  # runs in the format's own runtime
+        return mobile.load(path, normalize, threads=threads)
     if kind == COMPILED:
         return CompiledEmbedder.load(path, normalize, trust_code=trust_code)
     if kind == TORCHSCRIPT:
@@ -210,7 +215,9 @@ def model_files(model) -> list[Path]:
         return []
     path = Path(path)
     files = [path]
-    data = path.with_name(path.name + ".data")
-    if data.is_file():
-        files.append(data)
+    fmt = mobile.format_of(path)
+    companions = [path.with_suffix(s) for s in fmt.companions] if fmt else []
+    for extra in [path.with_name(path.name + ".data")] + companions:
+        if extra.is_file():
+            files.append(extra)
     return files
