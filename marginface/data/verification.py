@@ -308,7 +308,9 @@ def _parse_lfw_pairs(pairs_file: Path) -> tuple[list[tuple[int, str, int, str, i
 
 def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
     """``relative/path.jpg x1 y1 ... x5 y5`` per line (the seed projects' LFW landmark file) ->
-    {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner."""
+    {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner.
+    Each entry is also found by its file name alone (LFW file names hold the person's name, so
+    they are unique), as openvino's reader looks them up."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     for line_no, line in enumerate(read_text(path, "landmark file").splitlines(), start=1):
@@ -324,6 +326,10 @@ def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
         if not np.isfinite(values).all() or np.abs(values).max() > 1e6:
             raise UserError(f"{path}: line {line_no}: landmark values must be finite pixel positions")
         out[fields[0]] = values.astype(np.float32).reshape(5, 2)
+    for key in list(out):  # by file name too, unless two entries share one
+        name = key.replace("\\", "/").rsplit("/", 1)[-1]
+        if name != key:
+            out.setdefault(name, out[key])
     return out
 
 
@@ -345,9 +351,10 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
 
     def prepare(image: np.ndarray, rel: str, file: Path) -> np.ndarray:
         if points is not None:
-            if rel not in points:
+            found = points.get(rel, points.get(file.name))  # "Name/Name_0001.jpg" or just "Name_0001.jpg"
+            if found is None:
                 raise UserError(f"{landmarks}: no landmarks for {rel}")
-            return align_face(image, points[rel], size)
+            return align_face(image, found, size)
         if detector is not None:
             return _detected_crop(detector, image, size, file, " (give a landmarks file instead)")
         if warn and not warned and image.shape[:2] != _hw(size):  # not already aligned crops: say so, once

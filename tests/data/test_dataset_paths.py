@@ -188,3 +188,13 @@ def test_lfw_val_keys_through_the_trainer_builder(lfw_apart):
         with pytest.raises(UserError) as info:
             build_val_sets(bad.data, 112)
         assert str(info.value) == f"config key 'data.{key}': {good}.missing not found"
+
+
+def test_landmark_entries_keyed_by_file_name_alone(lfw_apart):
+    """openvino's reader looks a face up by its file name (LFW names hold the person's name)."""
+    mini, images, meta = lfw_apart
+    lines = (meta / "lfw_landmark.txt").read_text().splitlines()
+    (meta / "by_name.txt").write_text("\n".join(line.split("/", 1)[1] for line in lines) + "\n")
+    by_path = load_pair_set(images, 112, pairs_file=meta / "pairs.txt", landmarks=meta / "lfw_landmark.txt")
+    by_name = load_pair_set(images, 112, pairs_file=meta / "pairs.txt", landmarks=meta / "by_name.txt")
+    assert np.array_equal(by_path.images, by_name.images)
