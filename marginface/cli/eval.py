@@ -127,8 +127,9 @@ def _pair_set_loader(args):
 
     from marginface.data.verification import load_pair_set
 
-    if args.sample_pairs < 0:
-        raise UserError(f"--sample-pairs must be >= 0, got {args.sample_pairs}")
+    for option, value in (("--sample-pairs", args.sample_pairs), ("--seed", args.seed)):
+        if value < 0:
+            raise UserError(f"{option} must be >= 0, got {value}")
     if args.landmarks and args.align in ("detect", "none"):
         raise UserError(f"--landmarks aligns by the landmark file; it does not go with --align {args.align}")
     _check_set_dirs(args.sets, sample_pairs=args.sample_pairs, pairs_file=args.pairs)

@@ -62,6 +62,9 @@ def test_identity_folder_needs_sample_pairs_and_a_positive_count(capsys, tmp_pat
     assert rc == 2 and "--sample-pairs N" in line and "--pairs FILE" in line
     rc, _, err = run(capsys, "eval", "--model", tmp_path / "m.onnx", "--sets", tmp_path, "--sample-pairs", "-3")
     assert rc == 2 and "--sample-pairs must be >= 0" in error_line(err)
+    rc, _, err = run(capsys, "eval", "--model", tmp_path / "m.onnx", "--sets", tmp_path, "--sample-pairs", "4",
+                     "--seed", "-1")
+    assert rc == 2 and "--seed must be >= 0" in error_line(err)
 
 
 # ------------------------------------------------------------------------------------- --align detect
