@@ -406,7 +406,8 @@ def load_lfw_dir(
     if landmarks is None and align in ("auto", "landmarks") and (root / "landmarks.txt").is_file():
         landmarks = root / "landmarks.txt"
     if align == "landmarks" and landmarks is None:
-        raise UserError(f"{root}: no landmarks.txt to align by (align=landmarks); give the landmark file")
+        raise UserError(f"{root}: no landmarks.txt to align by (align=landmarks); name the landmark file "
+                        f"(marginface eval --landmarks FILE, data.val_landmarks in training)")
     if align in ("detect", "none"):
         landmarks = None
     prepare = _aligner(root, landmarks, detector if align in ("auto", "detect") else None, image_size,
