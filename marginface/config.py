@@ -82,6 +82,12 @@ class DataConfig:
     samples_per_identity: int = 0  # K > 0: batches of P identities x K images (pair losses); 0 = random
     val_sample_pairs: int = 2000  # an identity folder in data.val: sample this many balanced pairs from it
     val_align: str = "auto"  # LFW dirs: auto = landmarks.txt if present, else as is; detect = MTCNN + align
+    # files of a dataset kept outside its folder conventions (None = the convention; docs/datasets.md)
+    train_list: Optional[str] = None  # VGGFace2 list (default data.train/train_list.txt or meta/train_list.txt)
+    train_landmarks: Optional[str] = None  # VGGFace2 loose_landmark_train.csv, or its folder (bb_landmark/)
+    train_boxes: Optional[str] = None  # VGGFace2 loose_bb_train.csv, or its folder
+    val_pairs: Optional[str] = None  # pairs.txt of the LFW image directory in data.val (default: DIR/pairs.txt)
+    val_landmarks: Optional[str] = None  # its landmark file (default: DIR/landmarks.txt when present)
 
     @property
     def normalize(self) -> str:

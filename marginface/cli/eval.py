@@ -4,11 +4,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from marginface.cli.options import (add_embedding_options, add_model_argument, compiled, embedding_model,
-                                    print_json, stderr_log)
+from marginface.cli.options import (Names, add_detector_options, add_embedding_options, add_model_argument, compiled,
+                                    embedding_model, print_json, stderr_log)
 from marginface.errors import UserError
 
 # deferred: startup time. The evaluation stack is imported when a command runs.
+
+ALIGN_MODES = Names("marginface.data.verification", "ALIGN_MODES")
 
 
 def register(sub) -> None:
@@ -18,7 +20,25 @@ def register(sub) -> None:
                                    "Protocols: docs/evaluation.md.")
     add_model_argument(e, required=False)
     e.add_argument("--sets", nargs="+", help=".bin files, LFW directories (with pairs.txt), pairs .txt/.csv, "
-                                             "IJB-B/IJB-C directories (insightface layout)")
+                                             "IJB-B/IJB-C directories (insightface layout), identity folders "
+                                             "with --sample-pairs")
+    e.add_argument("--align", choices=ALIGN_MODES, default="auto",
+                   help="how faces are aligned: auto (an LFW directory's landmarks.txt, else the images as they "
+                        "are; whole photos in a pairs CSV are refused), detect (every image of a directory or CSV "
+                        "set through --detector, as `verify --pairs` does), landmarks (the landmark file: "
+                        "landmarks.txt or --landmarks), none (resize the images as they are); .bin and IJB sets "
+                        "are read as they are")
+    add_detector_options(e)
+    e.add_argument("--sample-pairs", type=int, default=0, metavar="N",
+                   help="an identity folder (DIR/<identity>/*.jpg) in --sets: sample N balanced pairs from it "
+                        "(half same, half different; as data.val_sample_pairs in training); 0: identity folders "
+                        "are refused")
+    e.add_argument("--seed", type=int, default=0, help="seed of --sample-pairs (training samples with "
+                                                       "data.synthetic.seed, 0 by default)")
+    e.add_argument("--pairs", metavar="FILE", help="pairs.txt of the LFW directory in --sets, kept outside it")
+    e.add_argument("--landmarks", metavar="FILE",
+                   help="landmark file of the LFW directory in --sets (path x1 y1 ... x5 y5 per image), kept "
+                        "outside it")
     e.add_argument("--out", help="directory for report.json/report.md/plots (default: --model when it is a run "
                                  "directory; its report.json keeps its training sections)")
     e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -77,16 +97,18 @@ def run_eval(args) -> int:
         raise UserError("eval needs --model and --sets (or --compare RUN_A RUN_B)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_set_dirs(args.sets)
+    loader = _pair_set_loader(args)  # cheap checks and the detector before the model loads
     model, options, model_info = embedding_model(args)
     results, curves, sources = rep.evaluate_suite(
-        model, args.sets, options=options, detector_score=not args.no_detector_score, log=stderr_log(args))
+        model, args.sets, options=options, detector_score=not args.no_detector_score, log=stderr_log(args),
+        loader=loader)
     out = args.out or (args.model if Path(args.model).is_dir() else None)
     written = None
     if out:
         report = rep.merge_eval(out, results, model_info=model_info, sources=sources)
         report["eval_precision"] = args.precision  # how these numbers were made
         report["eval_compiled"] = compiled(args)
+        report["eval_align"] = args.align if args.align != "detect" else f"detect ({args.detector})"
         written = rep.write_report(out, report, curves, plots=not args.no_plots)
     if args.json:
         print_json(rep.json_safe(results))
@@ -97,14 +119,41 @@ def run_eval(args) -> int:
     return 0
 
 
-def _check_set_dirs(paths) -> None:
-    """A directory in --sets is an LFW-style pair set (pairs.txt) or an IJB directory (before the model loads)."""
+def _pair_set_loader(args):
+    """`load_pair_set` with eval's --align / --detector / --sample-pairs / --seed / --pairs /
+    --landmarks, after the checks that need no model (the detector is built here, so missing
+    weights stop the command before the model loads)."""
+    import functools
+
+    from marginface.data.verification import load_pair_set
+
+    for option, value in (("--sample-pairs", args.sample_pairs), ("--seed", args.seed)):
+        if value < 0:
+            raise UserError(f"{option} must be >= 0, got {value}")
+    if args.landmarks and args.align in ("detect", "none"):
+        raise UserError(f"--landmarks aligns by the landmark file; it does not go with --align {args.align}")
+    _check_set_dirs(args.sets, sample_pairs=args.sample_pairs, pairs_file=args.pairs)
+    detector = None
+    if args.align == "detect":
+        from marginface.data.detect import build_detector
+
+        detector = build_detector(args.detector, weights=args.detector_weights)
+    return functools.partial(load_pair_set, detector=detector, align=args.align, sample_pairs=args.sample_pairs,
+                             seed=args.seed, pairs_file=args.pairs, landmarks=args.landmarks,
+                             file_labels=("--pairs", "--landmarks"))
+
+
+def _check_set_dirs(paths, *, sample_pairs: int = 0, pairs_file=None) -> None:
+    """A directory in --sets is an LFW-style pair set (pairs.txt or --pairs), an IJB directory, or
+    with --sample-pairs an identity folder (checked before the model loads)."""
     from marginface.evaluate.ijb import is_ijb_dir
 
     for path in map(Path, paths):
-        if path.is_dir() and not (path / "pairs.txt").is_file() and not is_ijb_dir(path):
+        if path.is_dir() and not (path / "pairs.txt").is_file() and not pairs_file and not sample_pairs \
+                and not is_ijb_dir(path):
             raise UserError(f"--sets {path}: directory has no pairs.txt and is not an IJB-B/IJB-C directory; "
-                            f"`marginface identify` evaluates identity folders (DIR/<identity>/*.jpg)")
+                            f"--sample-pairs N samples pairs from an identity folder (DIR/<identity>/*.jpg), "
+                            f"--pairs FILE names a pairs file kept elsewhere, `marginface identify` runs 1:N")
 
 
 def run_identify(args) -> int:

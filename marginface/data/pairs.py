@@ -1,5 +1,5 @@
 """The in-memory pair set (`PairSet`) and balanced pair sampling from labelled images
-(`pairs_from_identities`).
+(`pairs_from_identities`; `sample_pair_indices` for the labels alone).
 
 Both are pure numpy and sit below every reader: `marginface.data.verification` (the file
 formats, which re-exports both names) and `marginface.data.synthetic` (the held-out synthetic
@@ -101,19 +101,30 @@ def pairs_from_identities(
     seed: int = 0,
     name: str = "identities",
 ) -> PairSet:
-    """Sample a balanced, reproducible pair set from identity-labelled images.
-
-    ``n_pairs // 2`` same pairs (uniform over all distinct same-identity pairs) and the rest
-    different pairs (uniform over distinct cross-identity pairs), interleaved S, D, S, D... so
-    every consecutive fold of the k-fold protocol holds both classes. Only the images used are
-    kept.
-    """
+    """Sample a balanced, reproducible pair set from identity-labelled images
+    (`sample_pair_indices`); only the images used are kept."""
     images = np.asarray(images)
     labels_arr = np.asarray(labels).reshape(-1)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be N×H×W×3 uint8, got {images.shape} {images.dtype}")
     if len(labels_arr) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels_arr)} labels")
+    pairs, issame = sample_pair_indices(labels_arr, n_pairs, seed)
+    used, remapped = np.unique(pairs, return_inverse=True)
+    return PairSet(name=name, images=images[used], pairs=remapped.reshape(-1, 2), issame=issame)
+
+
+def sample_pair_indices(labels: Sequence[int], n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(pairs K×2 int64 indices into labels, issame K bool)``: a balanced, reproducible sample.
+
+    ``n_pairs // 2`` same pairs (uniform over all distinct same-identity pairs) and the rest
+    different pairs (uniform over distinct cross-identity pairs), interleaved S, D, S, D... so
+    every consecutive fold of the k-fold protocol holds both classes. The same ``(labels,
+    n_pairs, seed)`` always give the same pairs, so a reader can sample first and then read only
+    the images it needs.
+    """
+    labels_arr = np.asarray(labels).reshape(-1)
+    n_images = len(labels_arr)
     if n_pairs < 2:
         raise UserError(f"pair sampling: n_pairs must be >= 2, got {n_pairs}")
     identities, inverse, counts = np.unique(labels_arr, return_inverse=True, return_counts=True)
@@ -126,7 +137,7 @@ def pairs_from_identities(
     members = [np.flatnonzero(inverse == c) for c in range(len(identities))]
     same_per_identity = counts * (counts - 1) // 2
     same_total = int(same_per_identity.sum())
-    diff_total = len(images) * (len(images) - 1) // 2 - same_total
+    diff_total = n_images * (n_images - 1) // 2 - same_total
     if n_same > same_total or n_diff > diff_total:
         raise UserError(
             f"pair sampling: asked for {n_same} same + {n_diff} different pairs but only "
@@ -146,12 +157,12 @@ def pairs_from_identities(
 
     def draw_diff() -> tuple[int, int]:
         while True:
-            a, b = rng.integers(len(images), size=2)
+            a, b = rng.integers(n_images, size=2)
             if inverse[a] != inverse[b]:
                 return int(a), int(b)
 
     def all_diff() -> list[tuple[int, int]]:
-        return [(a, b) for a in range(len(images)) for b in range(a + 1, len(images)) if inverse[a] != inverse[b]]
+        return [(a, b) for a in range(n_images) for b in range(a + 1, n_images) if inverse[a] != inverse[b]]
 
     same = _sample_unique_pairs(rng, n_same, same_total, draw_same, all_same)
     diff = _sample_unique_pairs(rng, n_diff, diff_total, draw_diff, all_diff)
@@ -162,10 +173,4 @@ def pairs_from_identities(
             if k < len(group):
                 ordered.append(group[k])
                 issame.append(flag)
-    used, remapped = np.unique(np.asarray(ordered, dtype=np.int64), return_inverse=True)
-    return PairSet(
-        name=name,
-        images=images[used],
-        pairs=remapped.reshape(-1, 2),
-        issame=np.asarray(issame, dtype=bool),
-    )
+    return np.asarray(ordered, dtype=np.int64).reshape(-1, 2), np.asarray(issame, dtype=bool)

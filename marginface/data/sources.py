@@ -178,6 +178,26 @@ def _find_first(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def vggface2_list_names(split: str = "train") -> list[str]:
+    """Where a VGGFace2 directory keeps its image list, in the order looked at."""
+    return [f"{split}_list.txt", f"meta/{split}_list.txt"]
+
+
+def vggface2_csv_names(kind: str, split: str = "train") -> list[str]:
+    """Where a VGGFace2 directory keeps ``loose_landmark_<split>.csv`` (``kind="landmark"``) or
+    ``loose_bb_<split>.csv`` (``kind="bb"``), in the order looked at."""
+    name = f"loose_{kind}_{split}.csv"
+    return [f"bb_landmark/{name}", name, f"meta/bb_landmark/{name}", f"meta/{name}"]
+
+
+def _csv_in(path: Path, kind: str, split: str) -> Path | None:
+    """A given CSV, or the ``loose_<kind>_<split>.csv`` in a given folder (openvino's
+    ``--train_landmarks $ROOT/bb_landmark/``); None when the folder has none."""
+    if path.is_dir():
+        return _find_first(path, [f"loose_{kind}_{split}.csv"])
+    return path
+
+
 def _read_vggface2_csv(path: Path, columns: int) -> dict[str, np.ndarray]:
     """``NAME_ID,v1..vN`` rows -> {name: float32[N]}; bad rows raise ``UserError`` (file:line)."""
     table: dict[str, np.ndarray] = {}
@@ -202,20 +222,49 @@ class VGGFace2Source(_FileListSource):
     Images (``root/<split>/n000002/0001_01.jpg``, or directly under ``root``) are loose, unaligned
     crops; ``read`` aligns each to the ArcFace template from its 5 landmarks. An image without
     landmarks falls back to a square crop of its loose box (``loose_bb_<split>.csv``).
+
+    Each file may live elsewhere: ``list_file`` (default: ``root/<split>_list.txt``, else
+    ``root/meta/<split>_list.txt``), ``landmarks`` and ``boxes`` (a CSV, or the folder holding
+    ``loose_landmark_<split>.csv`` / ``loose_bb_<split>.csv``; default: `vggface2_csv_names`
+    under ``root``). A landmark folder also supplies the box CSV beside it.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 112):
+    def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 112, *,
+                 list_file: str | Path | None = None, landmarks: str | Path | None = None,
+                 boxes: str | Path | None = None):
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
-        self.list_path = self.root / f"{split}_list.txt"
-        if not self.list_path.is_file():
-            raise UserError(f"{self.root}: no {split}_list.txt (not a VGGFace2 directory)")
+        if list_file is not None:
+            self.list_path = Path(list_file)
+            if not self.list_path.is_file():
+                raise UserError(f"{self.list_path}: VGGFace2 list file not found")
+        else:
+            tried = vggface2_list_names(split)
+            found = _find_first(self.root, tried)
+            if found is None:
+                raise UserError(f"{self.root}: no {' or '.join(tried)} (not a VGGFace2 directory; data.train_list "
+                                f"names a list kept elsewhere)")
+            self.list_path = found
         image_root = self.root / split if (self.root / split).is_dir() else self.root
-        landmark_csv = _find_first(self.root, [f"bb_landmark/loose_landmark_{split}.csv", f"loose_landmark_{split}.csv"])
-        bbox_csv = _find_first(self.root, [f"bb_landmark/loose_bb_{split}.csv", f"loose_bb_{split}.csv"])
+        if landmarks is not None:
+            landmark_csv = _csv_in(Path(landmarks), "landmark", split)
+        else:
+            landmark_csv = _find_first(self.root, vggface2_csv_names("landmark", split))
+        if boxes is not None:
+            bbox_csv = _csv_in(Path(boxes), "bb", split)
+        elif landmarks is not None and Path(landmarks).is_dir():
+            bbox_csv = _csv_in(Path(landmarks), "bb", split)
+        else:
+            bbox_csv = _find_first(self.root, vggface2_csv_names("bb", split))
+        for csv_file in (landmark_csv, bbox_csv):
+            if csv_file is not None and not csv_file.is_file():
+                raise UserError(f"{csv_file}: VGGFace2 CSV not found")
         if landmark_csv is None and bbox_csv is None:
-            raise UserError(f"{self.root}: neither loose_landmark_{split}.csv nor loose_bb_{split}.csv found")
+            places = [str(p) for p in (landmarks, boxes) if p is not None] or [
+                f"{self.root}/{{{','.join(vggface2_csv_names('landmark', split) + vggface2_csv_names('bb', split))}}}"]
+            raise UserError(f"neither loose_landmark_{split}.csv nor loose_bb_{split}.csv found (tried "
+                            f"{', '.join(places)}); data.train_landmarks / data.train_boxes name them")
         landmarks = _read_vggface2_csv(landmark_csv, 10) if landmark_csv else {}
         boxes = _read_vggface2_csv(bbox_csv, 4) if bbox_csv else {}
         self.paths, self.landmarks, self.boxes = [], [], []
@@ -330,7 +379,7 @@ def _open_source(spec: str | Path, **kw: Any) -> Any:
     if path.is_dir():
         if (path / "train.rec").is_file():
             return RecordIOSource(path / "train.rec", path / "train.idx", **kw)
-        if (path / "train_list.txt").is_file():
+        if _find_first(path, vggface2_list_names("train")) is not None:
             return VGGFace2Source(path, **kw)
         if is_paddle_layout(path):
             return ListSource(path / "label.txt", **kw)
@@ -342,3 +391,56 @@ def _open_source(spec: str | Path, **kw: Any) -> Any:
             return ListSource(path, **kw)
         raise UserError(f"{path}: not a training source (expected a RecordIO .rec, a .txt list, or a directory)")
     raise UserError(f"{path}: no such file or directory (and not 'synthetic')")
+
+
+TRAIN_FILE_KEYS = ("train_list", "train_landmarks", "train_boxes")  # data.<key>: a file of data.train kept elsewhere
+
+
+def _is_labelled_list(list_file: Path) -> bool:
+    """Whether a list's first entry is ``path<TAB>label`` (a list file) rather than a bare path (VGGFace2)."""
+    for line in read_text(list_file, "list file").splitlines():
+        fields = parse_list_line(line)
+        if fields:
+            return len(fields) == 2 and fields[1].lstrip("-").isdigit()
+    return False
+
+
+def open_train_source(data: Any, *, warn: bool = True) -> Any:
+    """The training source of a config's ``data`` section: ``data.train`` (`open_source`), with
+    ``data.train_list``, ``data.train_landmarks`` and ``data.train_boxes`` naming files kept
+    outside the folder conventions (empty/None: the convention). With ``train_list`` set,
+    ``data.train`` is the image folder: a list of ``path<TAB>label`` lines is read as a list file
+    (`ListSource`, paths under ``data.train``), a list of bare paths as VGGFace2 (landmark/box
+    CSVs from the other two keys or ``data.train``'s own). A missing file names its key."""
+    given = {key: getattr(data, key, None) or None for key in TRAIN_FILE_KEYS}
+    if not any(given.values()):
+        return open_source(data.train, warn=warn)
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise UserError(f"config key 'data.{key}': {value} not found")
+    root = Path(data.train)
+    keys = ", ".join(f"data.{k}" for k, v in given.items() if v)
+    if str(data.train) == "synthetic" or not root.is_dir():
+        raise UserError(f"config key(s) {keys} name files of an image dataset, but data.train={data.train} is not "
+                        f"an image folder")
+    if (root / "train.rec").is_file():
+        raise UserError(f"config key(s) {keys} name files of an image dataset, but data.train={root} is a RecordIO "
+                        f"pack")
+    list_file = given["train_list"]
+    if list_file is None and _find_first(root, vggface2_list_names("train")) is None:
+        raise UserError(f"config key(s) {keys} need the image list: no {' or '.join(vggface2_list_names('train'))} "
+                        f"in data.train={root} (set data.train_list)")
+    if list_file is not None and Path(list_file).is_dir():
+        raise UserError(f"config key 'data.train_list': {list_file} is a directory, not a list file")
+    if list_file is not None and _is_labelled_list(Path(list_file)):
+        if given["train_landmarks"] or given["train_boxes"]:
+            raise UserError(f"config key 'data.train_list': {list_file} is a labelled list (path<TAB>label) of "
+                            f"aligned images; data.train_landmarks / data.train_boxes apply to VGGFace2 lists only")
+        source = ListSource(list_file, root=root)
+    else:
+        source = VGGFace2Source(root, list_file=list_file, landmarks=given["train_landmarks"],
+                                boxes=given["train_boxes"])
+    message = few_identities_warning(source) if warn else None
+    if message:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    return source

@@ -26,13 +26,20 @@ import cv2
 import numpy as np
 
 from marginface.data.align import align_face
+from marginface.data.detect.aligned import detect_faces
 from marginface.data.images import decode_image, read_image
-from marginface.data.pairs import PairSet, pairs_from_identities  # noqa: F401  (defined there, public here)
+from marginface.data.pairs import PairSet, pairs_from_identities, sample_pair_indices  # noqa: F401  (public here)
 from marginface.data.sources import FolderSource
 from marginface.io.textfiles import check_regular_file, csv_rows, read_text
 from marginface.errors import UserError
 
 ImageSize = Union[int, tuple[int, int]]  # an int means square; a tuple is (height, width)
+
+# How the faces of a pair set are aligned (`load_pair_set(align=)`, `marginface eval --align`):
+# auto = a landmark file when the set has one, a given detector, else the images as they are (a
+# pairs CSV refuses whole photos); detect = every image through the detector; landmarks = the
+# set's landmark file (LFW directories); none = the images as they are, resized.
+ALIGN_MODES = ("auto", "detect", "landmarks", "none")
 
 
 @dataclass
@@ -301,7 +308,9 @@ def _parse_lfw_pairs(pairs_file: Path) -> tuple[list[tuple[int, str, int, str, i
 
 def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
     """``relative/path.jpg x1 y1 ... x5 y5`` per line (the seed projects' LFW landmark file) ->
-    {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner."""
+    {path: 5×2 float array}; points in order left eye, right eye, nose, left and right mouth corner.
+    Each entry is also found by its file name alone (LFW file names hold the person's name, so
+    they are unique), as openvino's reader looks them up."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     for line_no, line in enumerate(read_text(path, "landmark file").splitlines(), start=1):
@@ -317,10 +326,24 @@ def read_landmarks_file(path: Union[str, Path]) -> dict[str, np.ndarray]:
         if not np.isfinite(values).all() or np.abs(values).max() > 1e6:
             raise UserError(f"{path}: line {line_no}: landmark values must be finite pixel positions")
         out[fields[0]] = values.astype(np.float32).reshape(5, 2)
+    for key in list(out):  # by file name too, unless two entries share one
+        name = key.replace("\\", "/").rsplit("/", 1)[-1]
+        if name != key:
+            out.setdefault(name, out[key])
     return out
 
 
-def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size: Optional[ImageSize]):
+def _detected_crop(detector, image: np.ndarray, size: ImageSize, file: Path, hint: str = "") -> np.ndarray:
+    """The largest face of a photo, aligned at ``size`` (`detect_faces`: the path `FaceEmbedder`
+    and ``marginface verify`` take); none is one line naming the file."""
+    faces = detect_faces(detector, image, size)
+    if not faces:
+        raise UserError(f"{file}: no face found to align{hint}")
+    return faces[0].crop
+
+
+def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size: Optional[ImageSize],
+             warn: bool = True):
     """image, relative path, file -> the face crop: by landmark file, by detector, or resized as is."""
     size = image_size or 112
     points = read_landmarks_file(landmarks) if landmarks else None
@@ -328,23 +351,28 @@ def _aligner(root: Path, landmarks: Union[str, Path, None], detector, image_size
 
     def prepare(image: np.ndarray, rel: str, file: Path) -> np.ndarray:
         if points is not None:
-            if rel not in points:
+            found = points.get(rel, points.get(file.name))  # "Name/Name_0001.jpg" or just "Name_0001.jpg"
+            if found is None:
                 raise UserError(f"{landmarks}: no landmarks for {rel}")
-            return align_face(image, points[rel], size)
+            return align_face(image, found, size)
         if detector is not None:
-            faces = detector.detect(image)
-            if not faces:
-                raise UserError(f"{file}: no face found to align (give a landmarks file instead)")
-            return align_face(image, faces[0].landmarks, size)
-        if not warned and image.shape[:2] != _hw(size):  # not already aligned crops: say so, once
+            return _detected_crop(detector, image, size, file, " (give a landmarks file instead)")
+        if warn and not warned and image.shape[:2] != _hw(size):  # not already aligned crops: say so, once
             warned.append(True)
             print(f"warning: {root}: no landmarks.txt and no detector, so faces are used unaligned "
                   f"({image.shape[1]}x{image.shape[0]} photos resized to {_hw(size)[1]}x{_hw(size)[0]}); expect "
-                  f"accuracy far below the aligned figure (add landmarks.txt or run `marginface data align`)",
-                  file=sys.stderr, flush=True)
+                  f"accuracy far below the aligned figure (add landmarks.txt, align by a detector, or run "
+                  f"`marginface data align`)", file=sys.stderr, flush=True)
         return resize_image(image, image_size)
 
     return prepare
+
+
+def _check_align(align: str, detector) -> None:
+    if align not in ALIGN_MODES:
+        raise UserError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    if align == "detect" and detector is None:
+        raise UserError("align='detect' needs a detector (marginface.data.detect.build_detector)")
 
 
 def load_lfw_dir(
@@ -354,24 +382,36 @@ def load_lfw_dir(
     name: Optional[str] = None,
     landmarks: Union[str, Path, None] = None,
     detector=None,
+    *,
+    align: str = "auto",
 ) -> PairSet:
-    """Read an LFW-layout directory with the official ``pairs.txt`` (default ``root/pairs.txt``).
+    """Read an LFW-layout directory with the official ``pairs.txt`` (default ``root/pairs.txt``;
+    ``pairs_file`` may live anywhere).
 
     Pairs keep the file's order, so consecutive folds match the official folds when
-    ``nfolds`` equals the header's fold count. Faces are aligned to the ArcFace template from a
-    landmark file (``landmarks``, default ``root/landmarks.txt`` when present), else by
-    ``detector`` (an object with ``detect(rgb) -> faces``, largest first) when given, else read
-    as they are (already aligned crops) and resized to ``image_size``.
+    ``nfolds`` equals the header's fold count. ``align`` (`ALIGN_MODES`): ``auto`` aligns the
+    faces to the ArcFace template from a landmark file (``landmarks``, anywhere; default
+    ``root/landmarks.txt`` when present), else by ``detector`` (an object with ``detect(rgb) ->
+    faces``) when given, else reads them as they are (already aligned crops) resized to
+    ``image_size``; ``landmarks`` requires the landmark file; ``detect`` runs the detector on every
+    image (a landmark file is not used); ``none`` resizes the images as they are.
     """
+    _check_align(align, detector)
     root = Path(root)
     pairs_path = Path(pairs_file) if pairs_file is not None else root / "pairs.txt"
     if not root.is_dir():
         raise UserError(f"{root}: not a directory")
     if not pairs_path.is_file():
         raise UserError(f"{pairs_path}: pairs file not found")
-    if landmarks is None and (root / "landmarks.txt").is_file():
+    if landmarks is None and align in ("auto", "landmarks") and (root / "landmarks.txt").is_file():
         landmarks = root / "landmarks.txt"
-    prepare = _aligner(root, landmarks, detector, image_size)
+    if align == "landmarks" and landmarks is None:
+        raise UserError(f"{root}: no landmarks.txt to align by (align=landmarks); name the landmark file "
+                        f"(marginface eval --landmarks FILE, data.val_landmarks in training)")
+    if align in ("detect", "none"):
+        landmarks = None
+    prepare = _aligner(root, landmarks, detector if align in ("auto", "detect") else None, image_size,
+                       warn=align != "none")
     entries, n_folds = _parse_lfw_pairs(pairs_path)
 
     index_of: dict[Path, int] = {}
@@ -455,16 +495,21 @@ def looks_aligned(image: np.ndarray, image_size: Optional[ImageSize]) -> bool:
 
 def load_pairs_csv(
     path: Union[str, Path], image_size: Optional[ImageSize] = None, name: Optional[str] = None, *,
-    detector=None, allow_unaligned: bool = False,
+    detector=None, allow_unaligned: bool = False, align: str = "auto",
 ) -> PairSet:
     """Read a pairs CSV and its (aligned) images into a `PairSet`; unlabelled CSVs give
     ``issame=None``.
 
-    With ``image_size`` (evaluation) every image must look like an aligned face crop
-    (`looks_aligned`): a photo of another size is detected and aligned by ``detector`` when one is
-    given, else refused with one line naming it (``marginface verify --pairs`` aligns photos);
-    ``allow_unaligned=True`` resizes such photos whole instead. For unaligned photos the deploy
-    pipeline (`read_pair_list_csv` + `FaceEmbedder`) is the usual path."""
+    With ``image_size`` (evaluation) and ``align="auto"`` every image must look like an aligned
+    face crop (`looks_aligned`): a photo of another size is detected and aligned by ``detector``
+    when one is given, else refused with one line naming it and the option that aligns;
+    ``align="detect"`` runs the detector on every image; ``align="none"`` (or
+    ``allow_unaligned=True``) resizes photos whole instead."""
+    _check_align(align, detector)
+    if align == "landmarks":
+        raise UserError(f"{path}: a pairs CSV has no landmark file; align by landmarks applies to LFW directories "
+                        f"(use detect)")
+    allow_unaligned = allow_unaligned or align == "none"
     pair_list = read_pair_list_csv(path, name)
     index_of: dict[Path, int] = {}
     images: list[np.ndarray] = []
@@ -478,7 +523,9 @@ def load_pairs_csv(
                     raise UserError(f"{path}: pair {k + 1}: image {file} does not exist")
                 index_of[key] = len(images)
                 image = read_image(file)
-                if image_size is not None and not allow_unaligned and not looks_aligned(image, image_size):
+                if align == "detect":
+                    image = _detected_crop(detector, image, image_size or 112, file)
+                elif image_size is not None and not allow_unaligned and not looks_aligned(image, image_size):
                     image = _align_photo(image, file, path, image_size, detector)
                 images.append(resize_image(image, image_size))
                 labels.append(str(file))
@@ -493,51 +540,84 @@ def load_pairs_csv(
 
 def _align_photo(image: np.ndarray, file: Path, csv_path, image_size: ImageSize, detector) -> np.ndarray:
     """The largest face of a photo aligned to ``image_size`` by ``detector``; without one, the
-    refusal that names the photo and the command that aligns."""
+    refusal that names the photo and the option that aligns."""
     h, w = _hw(image_size)
     if detector is None:
         raise UserError(
             f"{file}: a {image.shape[1]}x{image.shape[0]} photo, not an aligned {w}x{h} face crop; evaluating it would "
-            f"squash the whole photo. Use `marginface verify --pairs {csv_path} --model M` (detects and aligns "
-            f"each face) or align the images first (`marginface data align`)")
-    faces = detector.detect(image)
-    if not faces:
-        raise UserError(f"{file}: no face found to align")
-    return align_face(image, faces[0].landmarks, (h, w))
+            f"squash the whole photo. Pass --align detect to `marginface eval` (data.val_align: detect in training) "
+            f"to detect and align each face, or use `marginface verify --pairs {csv_path} --model M`, or align the "
+            f"images first (`marginface data align`)")
+    return _detected_crop(detector, image, (h, w), file)
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch and sampling
 
 
+def _given_file(path: Union[str, Path, None], label: str) -> Optional[Path]:
+    """A file the user named outside a set's folder (``pairs_file``, ``landmarks``); missing is one
+    line naming where it was given (``label``: a config key or an option) and the path tried."""
+    if path is None or str(path) == "":
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{label}: {path} {'is not a file' if path.exists() else 'not found'}")
+    return path
+
+
 def load_pair_set(path: Union[str, Path], image_size: Optional[ImageSize] = None, *, detector=None,
-                  sample_pairs: int = 0, seed: int = 0) -> PairSet:
-    """Load any supported pair set: ``.bin``, a directory with ``pairs.txt`` (LFW layout; aligned
-    by its ``landmarks.txt`` or ``detector`` when given), a pairs ``.txt`` (images beside it), a
-    ``.csv``, or with ``sample_pairs`` > 0 an identity folder (``root/<identity>/*.jpg``) from which
-    that many balanced pairs are sampled (seeded), the seed FaceID projects' validation."""
+                  align: str = "auto", sample_pairs: int = 0, seed: int = 0,
+                  pairs_file: Union[str, Path, None] = None, landmarks: Union[str, Path, None] = None,
+                  file_labels: tuple[str, str] = ("pairs file", "landmark file")) -> PairSet:
+    """Load any supported pair set: ``.bin``, a directory with ``pairs.txt`` (LFW layout), a
+    pairs ``.txt`` (images beside it), a ``.csv``, or with ``sample_pairs`` > 0 an identity folder
+    (``root/<identity>/*.jpg``) from which that many balanced pairs are sampled (seeded; half
+    same, half different), the seed FaceID projects' validation.
+
+    ``pairs_file`` and ``landmarks`` name an LFW directory's pairs and landmark files kept
+    elsewhere (they apply to directories and pairs ``.txt`` sets; a missing one is an error naming
+    ``file_labels``). ``align`` (`ALIGN_MODES`) says how faces are aligned; ``detect`` needs
+    ``detector``. A ``.bin`` holds aligned crops and is read as it is."""
+    _check_align(align, detector)
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: pair set not found")
+    pairs_file = _given_file(pairs_file, file_labels[0])
+    landmarks = _given_file(landmarks, file_labels[1])
+    lfw = dict(image_size=image_size, detector=detector, align=align, landmarks=landmarks)
     if path.is_dir():
-        if (path / "pairs.txt").is_file():
-            return load_lfw_dir(path, image_size=image_size, detector=detector)
+        if pairs_file is not None or (path / "pairs.txt").is_file():
+            return load_lfw_dir(path, pairs_file=pairs_file, **lfw)
         if sample_pairs > 0:
-            return _sampled_folder_pairs(path, image_size, sample_pairs, seed)
-        raise UserError(f"{path}: directory has no pairs.txt; not an LFW-style pair set "
-                        "(to sample pairs from an identity folder, set data.val_sample_pairs)")
+            return _sampled_folder_pairs(path, image_size, sample_pairs, seed, detector=detector, align=align)
+        raise UserError(f"{path}: directory has no pairs.txt; not an LFW-style pair set (to sample pairs from an "
+                        f"identity folder: --sample-pairs N with marginface eval, data.val_sample_pairs in training)")
     suffix = path.suffix.lower()
     if suffix == ".bin":
         return load_bin(path, image_size)
     if suffix == ".csv":
-        return load_pairs_csv(path, image_size, detector=detector)
+        return load_pairs_csv(path, image_size, detector=detector, align=align)
     if suffix == ".txt":
-        return load_lfw_dir(path.parent, pairs_file=path, image_size=image_size)
+        return load_lfw_dir(path.parent, pairs_file=path, **lfw)
     raise UserError(f"{path}: unknown pair-set format (expected .bin, .csv, pairs .txt or an LFW directory)")
 
 
-def _sampled_folder_pairs(root: Path, image_size: Optional[ImageSize], n_pairs: int, seed: int) -> PairSet:
+def _sampled_folder_pairs(root: Path, image_size: Optional[ImageSize], n_pairs: int, seed: int, *, detector=None,
+                          align: str = "auto") -> PairSet:
+    """``n_pairs`` balanced pairs sampled from an identity folder (`sample_pair_indices`, seeded);
+    only the images the pairs use are read (and, with ``align="detect"``, detected and aligned)."""
+    if align == "landmarks":
+        raise UserError(f"{root}: an identity folder has no landmark file; align by landmarks applies to LFW "
+                        f"directories (use detect)")
     src = FolderSource(root)
-    images = [resize_image(src.read(i), image_size) for i in range(len(src))]
-    return pairs_from_identities(_stack_images(images, str(root), [str(i) for i in range(len(images))]),
-                                 src.labels, n_pairs, seed, name=root.resolve().name)
+    pairs, issame = sample_pair_indices(src.labels, n_pairs, seed)
+    used, remapped = np.unique(pairs, return_inverse=True)
+    images = []
+    for i in used:
+        image = src.read(int(i))
+        if align == "detect":
+            image = _detected_crop(detector, image, image_size or 112, src.paths[int(i)])
+        images.append(resize_image(image, image_size))
+    return PairSet(name=root.resolve().name, images=_stack_images(images, str(root), [str(src.paths[int(i)]) for i in used]),
+                   pairs=remapped.reshape(-1, 2), issame=issame)

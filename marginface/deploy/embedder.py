@@ -31,8 +31,8 @@ from typing import Iterable, Optional, Sequence, Union
 import cv2
 import numpy as np
 
-from marginface.data.align import align_face
 from marginface.data.detect import DETECTORS, MTCNNDetector, build_detector
+from marginface.data.detect.aligned import DetectedFace, detect_faces  # noqa: F401  (DetectedFace: public here too)
 from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
 from marginface.data.sources import list_image_files
 from marginface.data.synthetic import render_image
@@ -45,21 +45,6 @@ from marginface.inference import EmbedOptions, ModelInfo
 ImageLike = Union[str, Path, np.ndarray]
 DEFAULT_THRESHOLD = 0.3  # cosine; used (and reported as such) only when the model carries none
 PIPELINE_OPTIONS = EmbedOptions(flip=True, batch_size=32)  # FaceEmbedder's defaults
-
-
-@dataclass(frozen=True)
-class DetectedFace:
-    """A face in original-image coordinates and its aligned crop (``H×W×3`` uint8 RGB)."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    landmarks: np.ndarray  # 5x2 (x, y)
-    crop: np.ndarray
-    padded: bool = False  # found only by the padded-retry fallback
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
 
 
 @dataclass(frozen=True)
@@ -164,40 +149,12 @@ class FaceEmbedder:
             return read_rgb(image), str(image)
         return as_rgb(image, name or "image"), name or "image"
 
-    def _detect_scaled(self, image: np.ndarray):
-        """Detections in ``image`` coordinates, running the detector on a downscaled copy when
-        the image is larger than ``max_detect_side``."""
-        h, w = image.shape[:2]
-        scale = min(1.0, self.max_detect_side / max(h, w))
-        small = image if scale == 1.0 else cv2.resize(
-            image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        found = []
-        for f in self.detector.detect(small):
-            box = tuple(float(v) / scale for v in f.box)
-            found.append((box, float(f.score), np.asarray(f.landmarks, np.float64) / scale))
-        return found
-
     def detect(self, image: ImageLike, name: Optional[str] = None) -> list[DetectedFace]:
-        """All faces, largest first, each with its aligned crop; [] when there is none."""
+        """All faces, largest first, each with its aligned crop; [] when there is none
+        (`marginface.data.detect.aligned.detect_faces`, the path evaluation also takes)."""
         rgb, name = self.load_image(image, name)
-        found, padded = self._detect_scaled(rgb), False
-        h, w = rgb.shape[:2]
-        pad = int(round(max(h, w) * self.pad_fraction))
-        # the padded copy of a 60000x16 strip would be 8 GB: no retry beyond the pixel limit
-        if not found and self.pad_fraction > 0 and (h + 2 * pad) * (w + 2 * pad) <= MAX_PIXELS:
-            border = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-            found = [((b[0] - pad, b[1] - pad, b[2] - pad, b[3] - pad), s, lm - pad)
-                     for b, s, lm in self._detect_scaled(border)]
-            padded = bool(found)
-            source = border
-            shift = pad
-        else:
-            source, shift = rgb, 0
-        faces = []
-        for box, score, landmarks in found:
-            crop = align_face(source, landmarks + shift, self.input_size)
-            faces.append(DetectedFace(box, score, landmarks.astype(np.float32), crop, padded))
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return detect_faces(self.detector, rgb, self.input_size, max_detect_side=self.max_detect_side,
+                            pad_fraction=self.pad_fraction)
 
     def largest_face(self, image: ImageLike, name: Optional[str] = None) -> DetectedFace:
         faces = self.detect(image, name)

@@ -73,12 +73,15 @@ def evaluate_suite(
     nfolds: Optional[int] = None,
     detector_score: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    loader: Optional[Callable] = None,
 ) -> tuple[dict, Curves, dict]:
     """Evaluate ``model`` on each set: ``(eval results by set name, curves, set name -> path)``.
 
-    Pair sets are loaded at the model's ``input_size``; an IJB directory runs the IJB template
-    protocol (`marginface.evaluate.ijb`). Set names come from the files (``lfw.bin`` -> ``lfw``);
-    a repeated name gets ``-2``, ``-3``...
+    Pair sets are loaded at the model's ``input_size`` by ``loader(path, image_size=...)``
+    (default `load_pair_set`; ``marginface eval`` passes it with its ``--align``, detector,
+    ``--sample-pairs`` and file options); an IJB directory runs the IJB template protocol
+    (`marginface.evaluate.ijb`). Set names come from the files (``lfw.bin`` -> ``lfw``); a
+    repeated name gets ``-2``, ``-3``...
     """
     options = EmbedOptions.make(options, default=SUITE_OPTIONS, flip=flip, batch_size=batch_size, device=device,
                                 normalize=normalize, amp_dtype=amp_dtype)
@@ -94,7 +97,7 @@ def evaluate_suite(
             metrics, curve = evaluate_ijb(model, path, options=options, detector_score=detector_score,
                                           return_scores=True)
         else:
-            pair_set = load_pair_set(path, image_size=size)
+            pair_set = (loader or load_pair_set)(path, image_size=size)
             if log:
                 log(f"evaluating {pair_set.name}: {len(pair_set)} pairs, {len(pair_set.images)} images")
             metrics, curve = evaluate_pair_set_both(model, pair_set, options=options, nfolds=nfolds)

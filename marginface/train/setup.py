@@ -16,7 +16,7 @@ from torch import nn
 
 from marginface.config import Config, DataConfig, HeadConfig, ModelConfig, OptimConfig
 from marginface.data.detect import build_detector
-from marginface.data.sources import open_source
+from marginface.data.sources import open_train_source
 from marginface.data.synthetic import SyntheticSource, synthetic_pair_set
 from marginface.data.verification import load_pair_set
 from marginface.errors import UserError
@@ -122,7 +122,7 @@ def build_train_source(cfg: DataConfig, image_size: int):
     if cfg.train == "synthetic":
         s = cfg.synthetic
         return SyntheticSource(s.identities, s.images_per_identity, image_size=image_size, seed=s.seed)
-    return open_source(cfg.train)
+    return open_train_source(cfg)  # data.train + data.train_list / train_landmarks / train_boxes
 
 
 def build_batch_order(cfg: Config, source, *, rank: int = 0, world_size: int = 1):
@@ -153,7 +153,9 @@ def build_val_sets(cfg: DataConfig, image_size: int) -> list:
                                            image_size=image_size, seed=s.seed))
         else:
             sets.append(load_pair_set(spec, image_size=image_size, detector=detector,
-                                      sample_pairs=cfg.val_sample_pairs, seed=cfg.synthetic.seed))
+                                      sample_pairs=cfg.val_sample_pairs, seed=cfg.synthetic.seed,
+                                      pairs_file=cfg.val_pairs, landmarks=cfg.val_landmarks,
+                                      file_labels=("config key 'data.val_pairs'", "config key 'data.val_landmarks'")))
     names = [p.name for p in sets]
     if len(set(names)) != len(names):
         raise UserError(f"config key 'data.val' names two sets the same: {names}")
