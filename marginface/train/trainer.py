@@ -177,6 +177,7 @@ class Trainer:
         self.freeze_steps = int(round(cfg.train.freeze_backbone_epochs * self.steps_per_epoch))
         t = cfg.train
         self.snapshot_every = snapshot_interval(t.snapshot_every, t.keep_snapshots, t.checkpoint_every)
+        self._snapshot_step: Optional[int] = None  # the step of the last snapshot this session wrote
         self.batches = self._make_batches()
 
         self.step = 0
@@ -290,6 +291,7 @@ class Trainer:
             ensure_dir(self.snapshot_dir)
         distributed.barrier()
         path = self.save(snapshot_name(self.step), self.snapshot_dir)
+        self._snapshot_step = self.step
         if self.dist.is_main:
             removed = prune_snapshots(self.snapshot_dir, self.cfg.train.keep_snapshots, upto_step=self.step)
             self.logger.record("snapshot", self.step, {"path": str(path),
@@ -719,7 +721,7 @@ class Trainer:
             self._evaluate_and_keep_best()
         else:
             self.save("last")
-        if self.snapshot_every and self.step % self.snapshot_every == 0:
+        if self.snapshot_every and self.step % self.snapshot_every == 0 and self._snapshot_step != self.step:
             self.snapshot()
         wall = self.wall_before + (time.time() - self._t_start)
         report = {
