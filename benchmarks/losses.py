@@ -2,7 +2,7 @@
 
 Prints one JSON object (per loss: held-out 10-fold accuracy, AUC, TAR@FAR=1e-3, seconds) and, with
 --markdown, the table for docs/losses.md. Usage:
-    python benchmarks/losses.py [--steps 300] [--markdown]
+    python benchmarks/losses.py [--steps 300] [--markdown] [--only "softmax" "plain_softmax (un-normalised)"]
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from marginface.train.trainer import Trainer
 
 VARIANTS = {
     "softmax": ["head.loss=softmax"],
+    "plain_softmax (un-normalised)": ["head.loss=plain_softmax"],
     "sphereface": ["head.loss=sphereface"],
     "cosface": ["head.loss=cosface"],
     "arcface": ["head.loss=arcface"],
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--identities", type=int, default=300)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants (names as in the table)")
     args = ap.parse_args()
     base = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",
             f"data.synthetic.identities={args.identities}", "data.synthetic.images_per_identity=10",
@@ -45,6 +47,8 @@ def main() -> None:
             "schedule.warmup_steps=20", "eval.every=0"]
     results = {}
     for name, extra in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
         t = time.time()
         with tempfile.TemporaryDirectory() as run_dir:
             report = Trainer(load_config(None, base + extra), run_dir, console=False).fit()

@@ -106,6 +106,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    lr_head: Optional[float] = None  # the classifier's (Partial FC shards too) base lr; None = lr
     backbone_lr_scale: float = 1.0  # fine-tuning: the backbone learns at lr * scale
     clip_grad_norm: float = 5.0  # 0 disables clipping
 
@@ -130,6 +131,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | none | bf16 | fp16 (auto: bf16 on CPUs that have it, fp16 on CUDA)
     channels_last: bool = True
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer)
+    cudnn_benchmark: bool = True  # CUDA: cuDNN times its convolution algorithms once (fixed input size)
     compile: bool = False  # torch.compile the backbone (inductor; compile time: docs/performance.md)
     fast_layers: bool = True  # CPU: PReLU with a fast backward, grouped convs fp32 under bf16 (models/layers.py)
     cpu_keep_memory: bool = True  # CPU: glibc keeps freed memory during fit (no page faults per step)
@@ -139,6 +141,10 @@ class TrainConfig:
     freeze_backbone_epochs: float = 0.0
     log_every: int = 20
     checkpoint_every: int = 200  # steps; last.pt is also written at every eval and at the end
+    snapshot_every: int = 0  # steps between RUN/snapshots/step_NNNNNN.pt; 0 = none (see keep_snapshots)
+    keep_snapshots: int = 0  # keep the newest N snapshots (0 = all); alone: a snapshot every checkpoint_every
+    loggers: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (log.jsonl always)
+    wandb_project: str = ""  # "" = $WANDB_PROJECT, else "marginface"
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
 
 
@@ -527,6 +533,12 @@ def validate(cfg: Config) -> None:
     need(cfg.train.checkpoint_every >= 1,
          f"config key 'train.checkpoint_every' must be >= 1, got {cfg.train.checkpoint_every}")
     need(cfg.optim.lr > 0, f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.lr_head is None or cfg.optim.lr_head > 0,
+         f"config key 'optim.lr_head' must be > 0 (or null: optim.lr), got {cfg.optim.lr_head}")
+    need(all(isinstance(n, str) for n in cfg.train.loggers),
+         f"config key 'train.loggers' must be a list of names, got {cfg.train.loggers!r}")
+    need(len(set(cfg.train.loggers)) == len(cfg.train.loggers),
+         f"config key 'train.loggers' names a logger twice: {cfg.train.loggers}")
     _check_values(cfg)
     one_of("data.val_align", cfg.data.val_align, VAL_ALIGN)
     one_of("train.amp", cfg.train.amp, AMP_MODES)

@@ -121,3 +121,12 @@ def test_one_top_k_search_serves_the_gallery():
     assert idx[0].tolist() == full.tolist()
     empty_idx, _ = identification.top_k_cosine(g[:0], g[:2], 5)
     assert empty_idx.shape == (2, 0)
+
+
+def test_every_logger_name_is_accepted_and_a_wrong_one_names_the_key():
+    from marginface.train.loggers import LOGGERS
+
+    for name in LOGGERS:  # names only: whether wandb is installed is checked when a run starts
+        assert load_config(None, [f"train.loggers=[{name}]"]).train.loggers == [name]
+    with pytest.raises(UserError, match=r"config key 'train.loggers' must name loggers among tensorboard, wandb"):
+        load_config(None, ["train.loggers=[no_such_thing]"])

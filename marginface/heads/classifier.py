@@ -39,6 +39,10 @@ class Classifier(LossHead):
     Options: ``num_subcenters`` K (1; the paper uses 3), ``focal_gamma`` (0 = cross-entropy; ~2
     typical), ``normalize`` (True; False gives the plain un-normalised softmax logits = x . W^T,
     allowed only with the ``softmax`` margin, whose ``s`` is then unused).
+
+    A margin with ``takes_cosines = False`` (``plain_softmax``) gets the un-normalised logits
+    x . W^T + b instead of cosines; ``bias`` (one per weight row, zero at the start) exists when
+    that margin asks for it (its ``bias`` parameter), else it is None.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: nn.Module, *,
@@ -50,7 +54,8 @@ class Classifier(LossHead):
                 raise UserError(f"classifier: {key} must be an integer >= 1, got {v!r}")
         if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, (int, float)) or focal_gamma < 0:
             raise UserError(f"classifier: focal_gamma must be a number >= 0, got {focal_gamma!r}")
-        if not normalize and not isinstance(margin, Softmax):
+        self.plain = not getattr(margin, "takes_cosines", True)  # plain_softmax: x . W^T + b
+        if not normalize and not (isinstance(margin, Softmax) or self.plain):
             raise UserError("classifier: normalize=False (un-normalised softmax) works only with "
                             f"margin 'softmax', got {type(margin).__name__}")
         self.embedding_size = embedding_size
@@ -61,6 +66,10 @@ class Classifier(LossHead):
         self.margin = margin
         self.weight = nn.Parameter(torch.empty(num_classes * num_subcenters, embedding_size))
         nn.init.normal_(self.weight, std=0.01)
+        if self.plain and getattr(margin, "bias", False):
+            self.bias = nn.Parameter(torch.zeros(num_classes * num_subcenters))
+        else:
+            self.register_parameter("bias", None)
 
     def _max_subcenter(self, x: torch.Tensor) -> torch.Tensor:
         """``N × C*K`` -> ``N × C`` (max over each class's K sub-centres)."""
@@ -86,18 +95,24 @@ class Classifier(LossHead):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.float()
             norms = emb.norm(dim=1)
-            if self.normalize:
+            raw = self.plain or not self.normalize  # un-normalised logits x . W^T (+ b)
+            if not raw:
                 cos = self.cosine(emb)
                 logits = self.margin(cos, labels, norms)
                 with torch.no_grad():
                     cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
             else:
-                logits = self._max_subcenter(emb @ self.weight.float().t())
+                logits = emb @ self.weight.float().t()
+                if self.bias is not None:
+                    logits = logits + self.bias.float()
+                logits = self._max_subcenter(logits)
+                if self.plain:
+                    logits = self.margin(logits, labels, norms)
                 with torch.no_grad():
                     cos_y = self.target_cosine(emb, labels)
             loss = focal_loss(logits, labels, self.focal_gamma)
             extra = getattr(self.margin, "extra_loss", None)
-            extra_loss = extra(norms) if (extra is not None and self.normalize) else None
+            extra_loss = extra(norms) if (extra is not None and not raw) else None
             if extra_loss is not None:
                 loss = loss + extra_loss
         with torch.no_grad():
@@ -105,7 +120,7 @@ class Classifier(LossHead):
                 "mean_target_cosine": float(cos_y.mean()),
                 # top-1 on the plain scores (what the embedding has learnt); the margin-penalised
                 # logits' top-1 stays near 0 through a good run by design (the margin makes it hard)
-                "accuracy": float(((cos if self.normalize else logits).argmax(dim=1) == labels).float().mean()),
+                "accuracy": float(((logits if raw else cos).argmax(dim=1) == labels).float().mean()),
                 "margin_accuracy": float((logits.argmax(dim=1) == labels).float().mean()),
                 "mean_norm": float(norms.mean()),
             }

@@ -58,6 +58,9 @@ def build_loss_head(loss: str, embedding_size: int, num_classes: int, params: di
     margin = build_margin(loss, **params)
     partial = world_size > 1 or sample_rate < 1.0 or shard_dtype != "fp32" or compute_dtype != "fp32"
     if partial:
+        if not margin.takes_cosines:
+            raise UserError(f"head.loss={loss!r} (un-normalised) works only with the full classifier: one process, "
+                            "head.sample_rate 1.0 and fp32 head dtypes (Partial FC shards cosine classifiers)")
         if not normalize:
             raise UserError("partial fc: normalize=False (un-normalised softmax) works only with the full classifier")
         return PartialFC(embedding_size, num_classes, margin, sample_rate=sample_rate,

@@ -181,6 +181,9 @@ class PartialFC(LossHead):
                 raise UserError(f"partial fc: {key} must be an integer >= 1, got {v!r}")
         if not 0.0 < float(sample_rate) <= 1.0:
             raise UserError(f"partial fc: sample_rate must be in (0, 1], got {sample_rate!r}")
+        if not getattr(margin, "takes_cosines", True):
+            raise UserError(f"partial fc: margin {getattr(margin, 'name', type(margin).__name__)!r} takes "
+                            "un-normalised logits; Partial FC computes cosines (use the full classifier)")
         if num_classes < world_size:
             raise UserError(f"partial fc: {num_classes} classes cannot be sharded over {world_size} ranks")
         if shard_dtype not in SHARD_DTYPES:

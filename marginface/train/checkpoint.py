@@ -7,8 +7,9 @@ containers only; nothing in it can run code.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,6 +38,71 @@ def remove_stale_checkpoint_temps(ckpt_dir: Path) -> list[Path]:
     for ckpt in {p.name for p in ckpt_dir.iterdir() if p.suffix == ".pt"} | {"last.pt", "best.pt"}:
         removed += remove_stale_temps(ckpt_dir / ckpt)
     return removed
+
+
+# Step-numbered snapshots (``train.snapshot_every`` / ``train.keep_snapshots``): RUN/snapshots/step_000500.pt,
+# each a whole checkpoint (resumable with --resume-from, evaluable by path). Only files of exactly these
+# names (and the classifier shard files of a Partial FC snapshot) are ever removed by the retention.
+SNAPSHOT_DIR = "snapshots"
+_SNAPSHOT = re.compile(r"^step_(\d{6,})\.pt$")
+_SNAPSHOT_TEMP = re.compile(r"^\.?step_\d{6,}(-head-s\d+\.rank\d+-of\d+)?\.pt\.[a-z0-9_]{8}\.tmp$")
+
+
+def snapshot_name(step: int) -> str:
+    """``step_000500`` (at least six digits, so names sort by step)."""
+    return f"step_{int(step):06d}"
+
+
+def snapshot_interval(every: int, keep: int, checkpoint_every: int) -> int:
+    """Steps between snapshots: ``train.snapshot_every``; when only ``train.keep_snapshots`` is set, every
+    ``train.checkpoint_every`` steps; 0 = no snapshots."""
+    return every or (checkpoint_every if keep > 0 else 0)
+
+
+def list_snapshots(folder: Path) -> list:
+    """``[(step, path), ...]`` of the snapshots in ``folder``, oldest first (our names only)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _SNAPSHOT.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _shard_files(folder: Path, name: str) -> list:
+    pattern = re.compile(rf"^{re.escape(name)}-head-s\d+\.rank\d+-of\d+\.pt$")
+    return [p for p in Path(folder).iterdir() if pattern.match(p.name)]
+
+
+def prune_snapshots(folder: Path, keep: int, upto_step: Optional[int] = None) -> list:
+    """Keep the newest ``keep`` snapshots (``keep`` <= 0: all) among those at or before ``upto_step``;
+    delete the older ones with their classifier shard files; returns what was deleted.
+
+    Snapshots past ``upto_step`` (left by a continuation this run was resumed before) are neither
+    counted nor removed here: the run rewrites each of them when it reaches its step."""
+    if keep <= 0:
+        return []
+    snaps = [(s, p) for s, p in list_snapshots(folder) if upto_step is None or s <= upto_step]
+    removed = []
+    for _, p in snaps[:-keep]:
+        for f in [p, *_shard_files(folder, p.stem)]:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def remove_stale_snapshot_temps(folder: Path) -> list:
+    """The temp files of snapshot saves killed mid-write (ours only, by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _SNAPSHOT_TEMP.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -3,7 +3,7 @@ and summarise it, without training a step or writing a file.
 
 Each check is the trainer's own function (`marginface.train.setup`, `trainer.check_best_metric`), so a
 config the dry run accepts starts training, and a config it refuses fails the real run with the same
-one-line error: the device and AMP, the training data, the validation sets and ``eval.best_metric``,
+one-line error: the device and AMP, the loggers, the training data, the validation sets and ``eval.best_metric``,
 the backbone, the loss head (+ center loss) and optimizer, the batch order (a ``train.batch_size``
 larger than the data), and one real batch through the data pipeline and the backbone.
 """
@@ -17,6 +17,7 @@ from marginface.config import Config, to_dict
 from marginface.data.dataset import FaceDataset, normalize_batch
 from marginface.models import count_parameters
 from marginface.train import setup
+from marginface.train.loggers import check_loggers
 from marginface.train.trainer import check_best_metric
 
 
@@ -25,6 +26,7 @@ def dry_run(cfg: Config, run_dir: Path) -> dict:
     ``identities``, ``backbone_params``, ``classifier_mb``, ``first_batch`` shapes, ``val`` sets and
     ``best_metric``. Raises the `UserError` the real run would raise."""
     setup.resolve_amp(cfg.train.amp, setup.resolve_device(cfg.train.device))
+    check_loggers(cfg.train.loggers)  # train.loggers: [wandb] without the package fails here as in training
     size = cfg.model.input_size
     source = setup.build_train_source(cfg.data, size)
     val_sets = setup.build_val_sets(cfg.data, size)  # missing or unreadable sets fail now

@@ -14,6 +14,7 @@ from marginface.errors import UserError
 from marginface.heads import build_loss_head, loss_head_names
 from marginface.heads.partial_fc import DTYPES, SHARD_DTYPES
 from marginface.models.registry import BACKBONES
+from marginface.train.loggers import check_loggers
 from marginface.train.optim import OPTIMIZERS
 from marginface.train.schedule import SCHEDULES
 
@@ -40,6 +41,7 @@ def check_components(cfg: Config) -> Config:
                               ("data.input_norm", cfg.data.input_norm, list(NORMALIZATIONS))):
         if value not in names:
             raise UserError(f"config key '{key}' must be one of {', '.join(names)}, got {value!r}")
+    check_loggers(cfg.train.loggers, imports=False)  # names only: the trainer checks that wandb is installed
     h = cfg.head  # the loss head checks its own parameters (names and values) and says which are valid
     build_loss_head(h.loss, 8, 2, h.params, num_subcenters=h.num_subcenters, focal_gamma=h.focal_gamma,
                     sample_rate=h.sample_rate, shard_dtype=h.shard_dtype, compute_dtype=h.compute_dtype)

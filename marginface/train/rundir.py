@@ -1,7 +1,8 @@
 """The run-directory policy: what counts as a run, when a start may (not) touch one, what --resume uses.
 
-A run directory holds ``config.yaml``, ``checkpoints/{last,best}.pt``, ``log.jsonl``, ``tensorboard/``
-and ``report.*``. The rules, so that nothing a run has produced is lost by accident:
+A run directory holds ``config.yaml``, ``checkpoints/{last,best}.pt``, ``snapshots/step_NNNNNN.pt``
+(optional), ``log.jsonl``, ``tensorboard/`` and ``report.*``. The rules, so that nothing a run has
+produced is lost by accident:
 
 * a fresh start refuses a directory that already holds a run (``--resume`` continues it,
   ``--overwrite`` deletes its files first, or another ``--out``);
@@ -23,11 +24,13 @@ from typing import Callable, NamedTuple, Optional
 from marginface.config import Config, read_config_file
 from marginface.errors import UserError
 from marginface.io.atomic import atomic_write_text, remove_stale_temps
-from marginface.train.checkpoint import remove_stale_checkpoint_temps
+from marginface.train.checkpoint import (SNAPSHOT_DIR, list_snapshots, remove_stale_checkpoint_temps,
+                                         remove_stale_snapshot_temps)
 from marginface.train.runconfig import config_from_dict, load_config
 
 # the files and folders a training run writes into its directory (all removed by --overwrite)
-RUN_ENTRIES = ("checkpoints", "log.jsonl", "tensorboard", "report.json", "report.md", "roc.png", "scores.png")
+RUN_ENTRIES = ("checkpoints", SNAPSHOT_DIR, "log.jsonl", "tensorboard", "wandb", "wandb_id.txt", "report.json",
+               "report.md", "roc.png", "scores.png")
 
 
 def checkpoints(run_dir: Path) -> list:
@@ -41,8 +44,10 @@ def checkpoints(run_dir: Path) -> list:
 def holds_run(run_dir: Path) -> bool:
     """True when ``run_dir`` has checkpoints, a log or a report of a training run."""
     run_dir = Path(run_dir)
-    return bool(checkpoints(run_dir)) or any((run_dir / name).is_file() and (run_dir / name).stat().st_size > 0
-                                             for name in ("log.jsonl", "report.json"))
+    if checkpoints(run_dir) or list_snapshots(run_dir / SNAPSHOT_DIR):
+        return True
+    return any((run_dir / name).is_file() and (run_dir / name).stat().st_size > 0
+               for name in ("log.jsonl", "report.json"))
 
 
 def peek(path: Path) -> Optional[dict]:
@@ -66,6 +71,9 @@ def describe(run_dir: Path) -> str:
     for p in checkpoints(run_dir):
         info = peek(p)
         parts.append(f"checkpoints/{p.name} " + (f"(step {info['step']})" if info else "(unreadable)"))
+    snaps = list_snapshots(run_dir / SNAPSHOT_DIR)
+    if snaps:
+        parts.append(f"{len(snaps)} snapshot(s) up to {SNAPSHOT_DIR}/{snaps[-1][1].name}")
     parts += [name for name in ("log.jsonl", "report.json") if (run_dir / name).is_file()]
     return ", ".join(parts) or "nothing"
 
@@ -97,7 +105,7 @@ def resume_checkpoint(run_dir: Path) -> Optional[Path]:
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():
         return last
-    others = checkpoints(run_dir)
+    others = checkpoints(run_dir) + [p for _, p in reversed(list_snapshots(run_dir / SNAPSHOT_DIR))]
     if others:
         raise UserError(f"--resume: {last} is missing but the run holds {describe(run_dir)}; nothing was "
                         f"changed. Continue from one of them with --resume-from {others[0]}")
@@ -121,6 +129,7 @@ def remove_stale_temp_files(run_dir: Path) -> int:
     Only for the run's own process (rank 0) at start-up, when nothing else writes there."""
     run_dir = Path(run_dir)
     stale = remove_stale_checkpoint_temps(run_dir / "checkpoints")
+    stale += remove_stale_snapshot_temps(run_dir / SNAPSHOT_DIR)
     for name in ("config.yaml", "log.jsonl", "report.json", "report.md"):
         stale += remove_stale_temps(run_dir / name)
     return len(stale)
@@ -221,7 +230,7 @@ def resolve_run(config: Optional[str], overrides: Optional[list], out: Optional[
         if resume_from is not None:
             if not resume_from.is_file():
                 raise UserError(f"--resume-from {resume_from}: checkpoint not found")
-            if not out and resume_from.parent.name != "checkpoints":
+            if not out and resume_from.parent.name not in ("checkpoints", SNAPSHOT_DIR):
                 raise UserError(f"--resume-from {resume_from}: name the run directory to continue with --out")
             run_dir = Path(out) if out else resume_from.parent.parent
         elif out:

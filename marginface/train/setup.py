@@ -96,9 +96,16 @@ def build_center_loss(cfg: HeadConfig, embedding_size: int, num_classes: int) ->
     return CenterLoss(num_classes, embedding_size)
 
 
+def head_lr(cfg: OptimConfig) -> float:
+    """The classifier's base learning rate: ``optim.lr_head``, or ``optim.lr`` when it is not set."""
+    lr_head = getattr(cfg, "lr_head", None)  # a hand-made optim section may predate the key
+    return cfg.lr if lr_head is None else lr_head
+
+
 def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, center: Optional[nn.Module],
                     center_lr: float = 0.5, center_weight: float = 0.0) -> torch.optim.Optimizer:
-    """Param groups: backbone (lr x backbone_lr_scale), classifier (lr), center-loss centres.
+    """Param groups: backbone (lr x backbone_lr_scale), classifier (``optim.lr_head``, default lr; a
+    Partial FC shard is the classifier too), center-loss centres.
 
     The centres' gradient arrives scaled by ``center_weight``; their group uses
     ``center_lr / center_weight`` so the centre update rate is ``center_lr`` as in Wen et al.
@@ -107,7 +114,7 @@ def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module, cent
     """
     groups = [
         {"params": [p for p in backbone.parameters()], "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
-        {"params": [p for p in head.parameters()], "lr": cfg.lr, "name": "head"},
+        {"params": [p for p in head.parameters()], "lr": head_lr(cfg), "name": "head"},
     ]
     if center is not None:
         groups.append({"params": list(center.parameters()), "lr": center_lr / max(center_weight, 1e-12),

@@ -2,7 +2,8 @@
 atomic checkpoints, exact resume, non-finite-step skipping and graceful SIGTERM/SIGINT.
 
 A run directory holds config.yaml, checkpoints/{last,best}.pt, log.jsonl, tensorboard/ and
-report.json; it is everything needed to reproduce or resume the run.
+report.json; it is everything needed to reproduce or resume the run. Step-numbered snapshots
+(``train.snapshot_every`` / ``train.keep_snapshots``) go to snapshots/step_NNNNNN.pt.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from marginface.models import count_parameters
 from marginface.models.layers import set_fast_layers
 from marginface.train import distributed, rundir, setup
 from marginface.train.batches import InMemoryBatches, LoaderBatches
-from marginface.train.checkpoint import load_checkpoint, remove_stale_checkpoint_temps, save_atomic
-from marginface.train.loggers import RunLogger, format_table
+from marginface.train.checkpoint import (SNAPSHOT_DIR, load_checkpoint, prune_snapshots, remove_stale_checkpoint_temps,
+                                         remove_stale_snapshot_temps, save_atomic, snapshot_interval, snapshot_name)
+from marginface.train.loggers import RunLogger, check_loggers, format_table
 from marginface.train.schedule import lr_factor, warmup_steps
 
 LOWER_IS_BETTER = {"eer", "accuracy_std"}
@@ -135,8 +137,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         self._stop_signal: Optional[int] = None
+        if self.dist.is_main:  # a logger whose package is missing: one line now, not after the data is built
+            check_loggers(cfg.train.loggers)
 
         setup.seed_everything(cfg.train.seed, cfg.train.deterministic)
+        if self.device.type == "cuda":
+            # train.cudnn_benchmark: the input size is fixed (model.input_size), so timing cuDNN's convolution
+            # algorithms once pays off; a deterministic run keeps cuDNN's deterministic choice
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         size = cfg.model.input_size
         self.source = setup.build_train_source(cfg.data, size)
         self.val_sets = setup.build_val_sets(cfg.data, size)
@@ -167,6 +175,9 @@ class Trainer:
         self.steps_per_epoch = max(self.order.steps_per_epoch // cfg.train.grad_accum, 1)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.freeze_steps = int(round(cfg.train.freeze_backbone_epochs * self.steps_per_epoch))
+        t = cfg.train
+        self.snapshot_every = snapshot_interval(t.snapshot_every, t.keep_snapshots, t.checkpoint_every)
+        self._snapshot_step: Optional[int] = None  # the step of the last snapshot this session wrote
         self.batches = self._make_batches()
 
         self.step = 0
@@ -177,6 +188,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_eval_step: Optional[int] = None
         self.evals_without_improvement = 0
+        self.highest_accuracy: dict = {}  # set name -> the highest accuracy of any evaluation so far
         self.train_seconds = 0.0  # time inside training steps only (no evaluation, no start-up)
         # the state the guard checks after every update, and the BatchNorm statistics a skipped step restores
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -229,6 +241,7 @@ class Trainer:
             "best": dict(self.best),
             "bad_steps_total": self.bad_steps_total,
             "evals_without_improvement": self.evals_without_improvement,
+            "highest_accuracy": dict(self.highest_accuracy),
             "last_eval": self.last_eval,
             "last_eval_step": self.last_eval_step,
             "train_seconds": self.train_seconds,
@@ -250,19 +263,40 @@ class Trainer:
         return (f"{self.ckpt_dir / 'last.pt'} keeps step {info['step']}" if info else
                 f"no checkpoint was written ({self.ckpt_dir / 'last.pt'} does not exist)")
 
-    def save(self, name: str = "last") -> Path:
-        """Write checkpoints/{name}.pt; collective under torchrun (each rank writes its classifier shard).
+    def save(self, name: str = "last", folder: Optional[Path] = None) -> Path:
+        """Write checkpoints/{name}.pt (or ``folder``/{name}.pt); collective under torchrun (each rank
+        writes its classifier shard).
 
         A state with a non-finite number anywhere is never written (TrainingDiverged instead)."""
-        path = self.ckpt_dir / f"{name}.pt"
+        folder = self.ckpt_dir if folder is None else Path(folder)
+        path = folder / f"{name}.pt"
         if not self._state_finite():
             raise TrainingDiverged(f"training diverged at step {self.step}: the weights or optimizer state are "
                                    f"not finite, so they were not saved as {path.name}; {self._last_saved()}; "
                                    "lower optim.lr")
         if self.sharded_head:
             return distributed.save_sharded(self.state() if self.dist.is_main else {}, self.head, self.optimizer,
-                                            self.ckpt_dir, name, self.step)
+                                            folder, name, self.step)
         save_atomic(self.state(), path)
+        return path
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.run_dir / SNAPSHOT_DIR
+
+    def snapshot(self) -> Path:
+        """Write snapshots/step_NNNNNN.pt (a whole checkpoint, atomically), then drop our own snapshots
+        beyond the newest ``train.keep_snapshots``; collective under torchrun like `save`."""
+        if self.dist.is_main:
+            ensure_dir(self.snapshot_dir)
+        distributed.barrier()
+        path = self.save(snapshot_name(self.step), self.snapshot_dir)
+        self._snapshot_step = self.step
+        if self.dist.is_main:
+            removed = prune_snapshots(self.snapshot_dir, self.cfg.train.keep_snapshots, upto_step=self.step)
+            self.logger.record("snapshot", self.step, {"path": str(path),
+                                                       "removed": [p.name for p in removed if p.suffix == ".pt"
+                                                                   and "-head-s" not in p.name]})
         return path
 
     def load(self, path: Path) -> None:
@@ -288,6 +322,7 @@ class Trainer:
         self.best = dict(ckpt.get("best") or self.best)
         self.bad_steps_total = int(ckpt.get("bad_steps_total", 0))
         self.evals_without_improvement = int(ckpt.get("evals_without_improvement", 0))
+        self.highest_accuracy = dict(ckpt.get("highest_accuracy") or {})
         self.last_eval = ckpt.get("last_eval") or {}
         self.last_eval_step = ckpt.get("last_eval_step")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
@@ -297,10 +332,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self) -> float:
+        """Every param group (backbone, classifier, centres) at its base lr x the schedule's factor;
+        returns ``optim.lr`` x the factor."""
         f = lr_factor(self.step, self.total_steps, self.cfg.schedule, self.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         return self.cfg.optim.lr * f
+
+    def _group_lr(self, name: str) -> Optional[float]:
+        return next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == name), None)
 
     def _set_frozen(self, frozen: bool) -> None:
         for p in self.backbone.parameters():
@@ -415,12 +455,39 @@ class Trainer:
         self.save("last")
         return self._after_eval(self._evaluate_on_main())
 
+    def epoch(self, step: Optional[int] = None) -> int:
+        """The (1-based) epoch that step number ``step`` (default: the current one) belongs to."""
+        step = self.step if step is None else step
+        return max(1, math.ceil(step / self.steps_per_epoch))
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epoch(self.total_steps)
+
+    def _eval_lines(self, results: dict) -> list:
+        """One console line per set, as Arcface-Paddle / insightface print them: XNorm (mean L2 norm of
+        the un-normalised embeddings), accuracy +- std over the folds (Flip: the mirrored image's
+        embedding added), the highest accuracy of this run so far, the step and the epoch."""
+        lines = []
+        for name, m in results.items():
+            kind = "Accuracy-Flip" if m.get("flip") else "Accuracy"
+            lines.append(f"[{name}][step {self.step}, epoch {self.epoch()}] XNorm: {m.get('xnorm', float('nan')):.5f}  "
+                         f"{kind}: {m['accuracy']:.5f}+-{m.get('accuracy_std', float('nan')):.5f}  "
+                         f"Accuracy-Highest: {self.highest_accuracy.get(name, m['accuracy']):.5f}  "
+                         f"AUC: {m.get('auc', float('nan')):.5f}")
+        return lines
+
     def _after_eval(self, results: dict) -> bool:
         """Log, keep the best checkpoint, then last.pt with the evaluation's outcome; returns True when
         early stopping says stop."""
         self.last_eval = results
         self.last_eval_step = self.step
-        self.logger.record("eval", self.step, {"eval": results})
+        for name, m in results.items():
+            acc = m.get("accuracy")
+            if isinstance(acc, (int, float)) and acc == acc and acc > self.highest_accuracy.get(name, -1.0):
+                self.highest_accuracy[name] = float(acc)
+        self.logger.record("eval", self.step, {"eval": results, "epoch": self.epoch(),
+                                               "highest_accuracy": dict(self.highest_accuracy)})
         for name, m in results.items():
             flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             flat.update({f"tar@{k}": v for k, v in m.get("tar_at_far", {}).items()})
@@ -436,9 +503,10 @@ class Trainer:
         else:
             self.evals_without_improvement += 1
         self.save("last")  # with the new best and the evaluation, so a resumed run decides as this one would
-        summary = "  ".join(f"{n}: acc {m['accuracy']:.4f} auc {m['auc']:.4f}" for n, m in results.items())
-        self.logger.message(f"eval @ step {self.step}: {summary}  (best {spec} = {self.best['value']:.4f} "
-                            f"@ step {self.best['step']})")
+        for line in self._eval_lines(results):
+            self.logger.message(line)
+        self.logger.message(f"eval @ step {self.step} (epoch {self.epoch()}): best {spec} = {self.best['value']:.4f} "
+                            f"@ step {self.best['step']}")
         patience = self.cfg.eval.early_stop_patience
         return patience > 0 and self.evals_without_improvement >= patience
 
@@ -496,10 +564,15 @@ class Trainer:
         self._t_start = time.time()
         if self.dist.is_main:  # temp files of a save a kill interrupted (ours only; nothing is saving now)
             remove_stale_checkpoint_temps(self.ckpt_dir)
+            remove_stale_snapshot_temps(self.snapshot_dir)
         self._open_run_dir()
         if self.dist.is_main:  # rank 0 owns the run directory's files; the others log nowhere
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-            self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console)
+            loggers = self.cfg.train.loggers
+            wandb = ({"project": self.cfg.train.wandb_project, "name": self.run_dir.name, "config": to_dict(self.cfg)}
+                     if "wandb" in loggers else None)
+            self.logger = RunLogger(self.run_dir, self.total_steps, self.step, console=self.console,
+                                    tensorboard="tensorboard" in loggers, wandb=wandb)
         else:
             self.logger = distributed.NullLogger()
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -593,12 +666,15 @@ class Trainer:
                 ips = ((self.step - step_log) * cfg.train.batch_size * cfg.train.grad_accum * self.dist.world_size
                        / max(now - t_log, 1e-9))
                 eta = (self.total_steps - self.step) * (now - t_log) / max(self.step - step_log, 1)
+                epoch = self.epoch()
                 values = {"loss": loss, "lr": lr, "images_per_second": ips, **stats}
                 if self.freeze_steps or cfg.optim.backbone_lr_scale != 1.0:  # fine-tuning: the backbone's own lr
                     values["lr_backbone"] = 0.0 if self._frozen else lr * cfg.optim.backbone_lr_scale
-                log.record("train", self.step, values)
+                if cfg.optim.lr_head is not None:  # the classifier's own rate (optim.lr_head)
+                    values["lr_head"] = self._group_lr("head")
+                log.record("train", self.step, {"epoch": epoch, **values})
                 log.scalars(self.step, values, prefix="train/")
-                log.progress(self.step, loss, lr, ips, eta)
+                log.progress(self.step, loss, lr, ips, eta, extra=f"  epoch {epoch}/{self.total_epochs}")
                 t_log, step_log = now, self.step
             if self.step % self.steps_per_epoch == 0:
                 self._report_bad_images(self.step // self.steps_per_epoch)
@@ -609,6 +685,8 @@ class Trainer:
                     log.message(f"early stopping: no improvement in {cfg.eval.early_stop_patience} evaluations")
             elif self.step % cfg.train.checkpoint_every == 0:
                 self.save("last")
+            if self.snapshot_every and self.step % self.snapshot_every == 0 and self.step < self.total_steps:
+                self.snapshot()  # the last step's snapshot is written after its evaluation (_finish)
             # under torchrun a signal on any rank stops every rank after this same step (all-reduced flag)
             if distributed.any_rank(self._stop_signal is not None):
                 path = self.save("last")  # collective: every rank's shard, then rank 0 commits last.pt
@@ -643,6 +721,8 @@ class Trainer:
             self._evaluate_and_keep_best()
         else:
             self.save("last")
+        if self.snapshot_every and self.step % self.snapshot_every == 0 and self._snapshot_step != self.step:
+            self.snapshot()
         wall = self.wall_before + (time.time() - self._t_start)
         report = {
             "eval": self.last_eval,

@@ -14,8 +14,9 @@ from marginface.heads.partial_fc import (PartialFC, class_range, classifier_memo
                                          stochastic_round_bf16, target_log_softmax)
 
 N, DIM, C = 24, 16, 50
-# every margin with its defaults, plus sub-centres and focal loss (name, margin params, head options)
-CASES = [(name, {}, {}) for name in MARGINS] + [
+# every margin with its defaults, plus sub-centres and focal loss (name, margin params, head options);
+# plain_softmax (un-normalised logits, takes_cosines False) is full-classifier only (tests/heads/test_plain_softmax.py)
+CASES = [(name, {}, {}) for name, cls in MARGINS.items() if cls.takes_cosines] + [
     ("arcface", {}, {"num_subcenters": 3}),
     ("cosface", {}, {"focal_gamma": 2.0}),
     ("sv_softmax", {"base": "arcface"}, {}),

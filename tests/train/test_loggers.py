@@ -33,3 +33,71 @@ def test_tensorboard_scalars_skip_nan(tmp_path):
     log.scalars(3, {"a": 1.0, "b": float("nan"), "c": "text"}, prefix="train/")
     log.close()
     assert written == [("train/a", 1.0, 3)]
+
+
+# -- train.loggers: wandb (optional) -------------------------------------------------------------
+TINY = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=32", "data.synthetic.identities=20",
+        "data.synthetic.images_per_identity=4", "data.val=[]", "train.batch_size=16", "train.amp=none",
+        "train.log_every=1"]
+
+
+def test_a_missing_wandb_is_one_line_naming_pip_install_wandb(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from marginface.errors import UserError
+    from marginface.train.loggers import check_loggers
+    from marginface.train.runconfig import load_config
+    from marginface.train.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, as when not installed
+    with pytest.raises(UserError) as info:
+        check_loggers(["tensorboard", "wandb"])
+    message = str(info.value)
+    assert "pip install wandb" in message and "train.loggers" in message and "\n" not in message
+    check_loggers(["tensorboard"])  # the default needs no wandb
+    with pytest.raises(UserError, match="pip install wandb"):  # before any data is built or step trained
+        Trainer(load_config(None, TINY + ["train.loggers=[tensorboard, wandb]", "train.max_steps=1"]), tmp_path)
+    assert not (tmp_path / "log.jsonl").exists()
+    # the command line: `error: ...`, exit 2, no traceback
+    code = ("import sys; sys.modules['wandb'] = None; from marginface.cli import main; "
+            f"sys.exit(main(['train', '--out', {str(tmp_path / 'cli')!r}, '--set', 'train.loggers=[wandb]']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "pip install wandb" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_logger_names_the_key_and_the_loggers():
+    from marginface.errors import UserError
+    from marginface.train.loggers import LOGGERS
+    from marginface.train.runconfig import load_config
+
+    assert load_config(None, ["train.loggers=[]"]).train.loggers == []
+    with pytest.raises(UserError) as info:
+        load_config(None, ["train.loggers=[tensorboard, mlflow]"])
+    assert "'train.loggers'" in str(info.value) and "'mlflow'" in str(info.value)
+    assert all(name in str(info.value) for name in LOGGERS)
+
+
+def test_wandb_offline_logs_the_run_and_a_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the optional wandb package is not installed (pip install wandb)")
+    import json
+
+    from marginface.train.runconfig import load_config
+    from marginface.train.trainer import Trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = ["train.loggers=[wandb]", "train.wandb_project=marginface-test"]
+    Trainer(load_config(None, TINY + cfg + ["train.max_steps=2"]), tmp_path, console=False).fit()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert run_id and not (tmp_path / "tensorboard").exists()  # tensorboard is not in train.loggers
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
+    Trainer(load_config(None, TINY + cfg + ["train.max_steps=3"]), tmp_path, resume=True, console=False).fit()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+    assert len(sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one per session, same id
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

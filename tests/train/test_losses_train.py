@@ -22,6 +22,7 @@ LOSSES = {
     "subcenter_arcface": ["head.loss=arcface", "head.num_subcenters=3"],
     "softmax_center": ["head.loss=softmax", "head.center_weight=0.01"],
     "pair_bce": ["data.samples_per_identity=4"],
+    "plain_softmax": [],  # the un-normalised baseline (x . W^T + b)
 }
 
 

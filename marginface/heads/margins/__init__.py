@@ -1,7 +1,8 @@
 """Margin registry: `build_margin(name, **params)` and `MARGINS` (name -> class).
 
 Every margin is an ``nn.Module`` with ``forward(cosine N×C, labels N, norms N | None) -> logits``
-(fp32, already multiplied by the scale ``s``); ``labels == -1`` rows get no margin. See
+(fp32, already multiplied by the scale ``s``); ``labels == -1`` rows get no margin. The one
+exception, ``plain_softmax`` (``takes_cosines = False``), gets the un-normalised logits. See
 docs/losses.md for the formulas, defaults and papers.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from marginface.heads.margins.combined import CombinedMargin
 from marginface.heads.margins.cosface import CosFace
 from marginface.heads.margins.curricularface import CurricularFace
 from marginface.heads.margins.magface import MagFace
+from marginface.heads.margins.plain_softmax import PlainSoftmax
 from marginface.heads.margins.softmax import Softmax
 from marginface.heads.margins.sphereface import SphereFace
 from marginface.heads.margins.sv_softmax import SVSoftmax
@@ -21,7 +23,7 @@ from marginface.heads.margins.sv_softmax import SVSoftmax
 MARGINS: dict[str, type[Margin]] = {
     cls.name: cls
     for cls in (Softmax, ArcFace, CosFace, SphereFace, CombinedMargin, SVSoftmax, CurricularFace,
-                AdaFace, MagFace)
+                AdaFace, MagFace, PlainSoftmax)
 }
 
 
@@ -42,4 +44,4 @@ def build_margin(name: str, **params: object) -> Margin:
 
 
 __all__ = ["MARGINS", "Margin", "build_margin", "Softmax", "ArcFace", "CosFace", "SphereFace",
-           "CombinedMargin", "SVSoftmax", "CurricularFace", "AdaFace", "MagFace"]
+           "CombinedMargin", "SVSoftmax", "CurricularFace", "AdaFace", "MagFace", "PlainSoftmax"]

@@ -60,6 +60,8 @@ class Margin(nn.Module):
     """
 
     name: str = ""
+    # False: the classifier passes un-normalised logits x . W^T (+ b) instead of cosines (plain_softmax)
+    takes_cosines: bool = True
 
     def __init__(self, s: float) -> None:
         super().__init__()
