@@ -29,7 +29,6 @@ Those "G" figures include the attention products (Q·Kᵀ and A·V), which `coun
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -71,8 +70,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # the products in fp32 even under autocast, as arcface_torch does
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        q, k, v = q.float(), k.float(), v.float()  # the products in fp32 even under autocast, as arcface_torch does
+        # written out rather than F.scaled_dot_product_attention: ONNX opset 13 (our export) has no fused
+        # attention, and graph rewrites (BatchNorm folding) trace this once for every use
+        out = torch.softmax((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5), dim=-1) @ v
         return self.proj(out.to(x.dtype).transpose(1, 2).reshape(batch, tokens, dim))
 
     @staticmethod

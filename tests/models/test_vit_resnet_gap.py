@@ -173,3 +173,18 @@ def test_train_dry_run_builds_them(backbone, tmp_path, capsys):
     assert summary["config"]["model"]["backbone"] == backbone
     assert summary["backbone_params"] == count_parameters(on_meta(backbone))
     assert summary["first_batch"] == {"images": [8, 3, 112, 112], "embeddings": [8, 512]}
+
+
+def test_vit_exports_to_onnx_opset_13_and_matches_eager(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from marginface.deploy.export import export_onnx
+    from marginface.deploy.load import load_model
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_t", input_size=32).eval()
+    path = export_onnx(model, tmp_path / "vit_t.onnx")  # BatchNorm folded, opset 13, dynamic batch
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.as_tensor(load_model(path)(x))
+    assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.9999
