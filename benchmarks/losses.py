@@ -2,7 +2,7 @@
 
 Prints one JSON object (per loss: held-out 10-fold accuracy, AUC, TAR@FAR=1e-3, seconds) and, with
 --markdown, the table for docs/losses.md. Usage:
-    python benchmarks/losses.py [--steps 300] [--markdown]
+    python benchmarks/losses.py [--steps 300] [--markdown] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ VARIANTS = {
     "adaface": ["head.loss=adaface"],
     "magface": ["head.loss=magface"],
     "pair_bce": ["head.loss=pair_bce", "data.samples_per_identity=4"],
+    "triplet": ["head.loss=triplet", "head.params={}", "data.samples_per_identity=4"],
+    "contrastive": ["head.loss=contrastive", "head.params={}", "data.samples_per_identity=4"],
 }
 
 
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--identities", type=int, default=300)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these rows")
     args = ap.parse_args()
     base = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",
             f"data.synthetic.identities={args.identities}", "data.synthetic.images_per_identity=10",
@@ -45,6 +48,8 @@ def main() -> None:
             "schedule.warmup_steps=20", "eval.every=0"]
     results = {}
     for name, extra in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
         t = time.time()
         with tempfile.TemporaryDirectory() as run_dir:
             report = Trainer(load_config(None, base + extra), run_dir, console=False).fit()
