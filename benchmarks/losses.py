@@ -2,7 +2,7 @@
 
 Prints one JSON object (per loss: held-out 10-fold accuracy, AUC, TAR@FAR=1e-3, seconds) and, with
 --markdown, the table for docs/losses.md. Usage:
-    python benchmarks/losses.py [--steps 300] [--markdown] [--only "softmax" "plain_softmax (un-normalised)"]
+    python benchmarks/losses.py [--steps 300] [--markdown] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ VARIANTS = {
     "adaface": ["head.loss=adaface"],
     "magface": ["head.loss=magface"],
     "pair_bce": ["head.loss=pair_bce", "data.samples_per_identity=4"],
+    "triplet": ["head.loss=triplet", "head.params={}", "data.samples_per_identity=4"],
+    "contrastive": ["head.loss=contrastive", "head.params={}", "data.samples_per_identity=4"],
 }
 
 
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--identities", type=int, default=300)
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants (names as in the table)")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these rows")
     args = ap.parse_args()
     base = ["model.input_size=32", "model.width_mult=0.25", "model.embedding_size=128",
             f"data.synthetic.identities={args.identities}", "data.synthetic.images_per_identity=10",

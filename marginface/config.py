@@ -548,8 +548,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"config key 'train.max_steps' must be >= 1, got {cfg.train.max_steps}")
     need(cfg.train.epochs > 0 or cfg.train.max_steps, "config key 'train.epochs' must be > 0 (or set train.max_steps)")
-    need(cfg.head.loss != "pair_bce" or cfg.data.samples_per_identity >= 2,
-         "head.loss = pair_bce needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
+    need(cfg.head.loss not in ("pair_bce", "triplet", "contrastive") or cfg.data.samples_per_identity >= 2,
+         f"head.loss = {cfg.head.loss} needs positive pairs in each batch: set data.samples_per_identity >= 2 (e.g. 4)")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,4 +1,5 @@
-"""`marginface eval` (verification sets, run comparison), `identify` (1:N) and `embed` (folder -> .npy)."""
+"""`marginface eval` (verification sets, run comparison), `identify` (1:N), `eval-megaface` (MegaFace
+challenge 1) and `embed` (folder -> .npy)."""
 from __future__ import annotations
 
 import sys
@@ -67,6 +68,33 @@ def register(sub) -> None:
     i.add_argument("--out", help="directory for identification.json and identification.md")
     i.add_argument("--json", action="store_true", help="print the result as one JSON object")
     i.set_defaults(func=run_identify)
+
+    g = sub.add_parser("eval-megaface", help="MegaFace: rank-1 per distractor-set size (10..1M), TAR@FAR=1e-6",
+                       description="MegaFace challenge 1 as the devkit defines it: every probe image of an identity "
+                                   "against one other image of it plus the first N distractors (N = --sizes); CMC "
+                                   "and rank-1 per size; verification TAR@FAR over probe x distractor impostor pairs. "
+                                   "Noise lists give the refined protocol. Protocol: docs/evaluation.md.")
+    add_model_argument(g)
+    g.add_argument("--probes", required=True, help="FaceScrub-style identity folders DIR/<identity>/*.jpg, or the "
+                                                   "root the --probe-list paths are relative to")
+    g.add_argument("--probe-list", help="devkit facescrub_features_list.json ({path: [...], id: [...]})")
+    g.add_argument("--distractors", required=True, metavar="DIR_OR_NPY",
+                   help="folder of distractor images (any depth), or a .npy made by `marginface embed` with this "
+                        "model (its .txt path listing beside it is needed for --distractor-noises)")
+    g.add_argument("--distractor-list", help="devkit megaface_features_list.json_1000000_1: the distractors in "
+                                             "this order (paths relative to --distractors); size N = the first N")
+    g.add_argument("--probe-noises", help="facescrub_noises.txt: probe images to leave out (refined protocol)")
+    g.add_argument("--distractor-noises", help="megaface_noises.txt: distractors to leave out (refined protocol)")
+    g.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000, 100000, 1000000],
+                   help="distractor-set sizes; those above the distractors given are skipped")
+    g.add_argument("--max-rank", type=int, default=100, help="length of the CMC curve")
+    g.add_argument("--far", type=float, nargs="+", default=[1e-6], help="FAR targets for the verification TAR")
+    add_embedding_options(g)
+    g.add_argument("--chunk-size", type=int, default=65536, help="distractors scored per matmul (bounds memory)")
+    g.add_argument("--out", help="directory for megaface.json and megaface_cmc.png")
+    g.add_argument("--no-plots", action="store_true", help="write no CMC plot")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    g.set_defaults(func=run_megaface)
 
     m = sub.add_parser("embed", help="embed every image under a folder into an N x D .npy (e.g. identify --distractors)",
                        description="Embed every image under --images (any depth, sorted) with the model; write the "
@@ -179,6 +207,39 @@ def run_identify(args) -> int:
         print(ident.format_identification(result))
         if written:
             print(f"report: {written['md']}, {written['json']}")
+    return 0
+
+
+def run_megaface(args) -> int:
+    from marginface.evaluate import megaface
+
+    for name, value in (("--max-rank", args.max_rank), ("--batch-size", args.batch_size),
+                        ("--chunk-size", args.chunk_size), *(("--sizes", s) for s in args.sizes)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    bad = [f for f in args.far if not 0 < f <= 1]
+    if bad:
+        raise UserError(f"--far: each target must be in (0, 1], got {bad[0]}")
+    for flag, path in (("--probe-list", args.probe_list), ("--distractor-list", args.distractor_list),
+                       ("--probe-noises", args.probe_noises), ("--distractor-noises", args.distractor_noises)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: file not found")
+    model, options, _ = embedding_model(args)
+    result = megaface.evaluate_megaface(
+        model, args.probes, args.distractors, probe_list=args.probe_list, distractor_list=args.distractor_list,
+        probe_noises=args.probe_noises, distractor_noises=args.distractor_noises, sizes=args.sizes,
+        max_rank=args.max_rank, far_targets=args.far, options=options, chunk_size=args.chunk_size,
+        log=stderr_log(args))
+    result["precision"], result["compiled"] = args.precision, compiled(args)
+    written = megaface.write_megaface_report(args.out, result, plots=not args.no_plots) if args.out else None
+    if args.json:
+        from marginface.evaluate.report import json_safe
+
+        print_json(json_safe(result))
+    else:
+        print(megaface.format_megaface(result))
+        if written:
+            print("report: " + ", ".join(written.values()))
     return 0
 
 

@@ -68,6 +68,8 @@ def register(sub) -> None:
                                       "torch-compiled-auto compiles fp32/bf16/int8 and shows which --precision auto "
                                       "takes")
     b.add_argument("--runs", type=int, default=100, help="timed runs at batch 1")
+    b.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: time the PyTorch model on that GPU "
+                                                   "(runtimes torch-cuda, torch-cuda-fp16, torch-cuda-bf16)")
     b.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input normalisation for a model without metadata (default: the model's, else arcface)")
     add_json(b)
@@ -144,17 +146,18 @@ def run_bench(args) -> int:
         raise UserError(f"{args.model}: not found (bench takes a run directory, a .pt checkpoint, an .onnx model "
                         f"or a compiled .pt2 package)")
     apply_threads(args.threads)
-    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else list(DEFAULT_RUNTIMES)
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else DEFAULT_RUNTIMES
     result = bench(args.model, backbone=args.backbone, runtimes=runtimes, threads=args.threads, runs=args.runs,
                    normalize=args.normalize, input_size=args.input_size, trust_code=args.trust_code,
-                   weights=args.weights)
+                   weights=args.weights, device=args.device)
     if args.json:
         print_json(result)
     else:
         size = (f"{result['params'] / 1e6:.2f}M params, {result['gmacs']:.3f} GMACs" if result["params"] is not None
                 else f"compiled {result['precision']} package, batch {result['compiled_batch']}")
         weights = f", {result['weights']} weights" if result.get("weights") not in (None, "model") else ""
-        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB, {result['threads']} threads{weights}")
+        where = f", on {result['device']}" if "device" in result else f", {result['threads']} threads"
+        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB{where}{weights}")
         agreement = result.get("min_cosine_vs_first", {})
         for name, lat in result["latency_ms"].items():
             cos = f"   min cosine {agreement[name]:.4f}" if name in agreement else ""

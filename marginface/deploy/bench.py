@@ -18,10 +18,17 @@ cosine to the first runtime's embeddings (a fast runtime that computes something
 Latency is measured at batch 1 (warm-up runs, then up to ``runs`` timed runs, median and p90),
 throughput at batch 32 (images per second from the median batch time). Timings on a shared
 machine are noisy: the JSON records the thread count and the load average at the start.
+
+``device="cuda"`` (``bench --device cuda``) times the PyTorch model on the GPU instead, with the
+same JSON shape: ``CUDA_RUNTIMES`` are ``torch-cuda`` (fp32 eager), ``torch-cuda-fp16`` and
+``torch-cuda-bf16`` (autocast). Each timed call includes copying the batch to the GPU and the
+embeddings back, which waits for the GPU to finish (so the time is the GPU's, not the launch's);
+``device`` names the GPU. Without CUDA it is one error line.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import time
@@ -43,7 +50,7 @@ from marginface.deploy.load import load_model, model_files, trained_looking
 from marginface.deploy.onnx_model import OnnxEmbedder, load_onnx_proto
 from marginface.deploy.quantize import QuantOptions, quantize_onnx
 from marginface.errors import UserError
-from marginface.inference import ModelInfo
+from marginface.inference import ModelInfo, resolve_device
 from marginface.io.trust import COMPILED, code_kind, refuse_untrusted
 from marginface.models import count_macs, count_parameters
 
@@ -103,6 +110,7 @@ class BenchContext:
     onnx_path: Optional[Path] = None  # fp32 ONNX (given or exported)
     given_onnx: Optional[Path] = None  # the user's ONNX file when MODEL is one
     normalize: str = "arcface"
+    device: str = "cpu"  # the CUDA runtimes' device
     _quantized: dict = field(default_factory=dict)
     mobile_files: dict = field(default_factory=dict)  # runtime name -> its exported file (`mobile_file`)
     auto_choice: object = None  # the `PrecisionChoice` of the torch-compiled-auto runtime, once built
@@ -279,6 +287,24 @@ def _torch_compiled_auto(ctx: BenchContext) -> Runner:
     return _torch_compiled(choice.precision, choice.embedders.get(choice.precision))(ctx)
 
 
+def _torch_cuda(dtype: Optional[torch.dtype] = None) -> Callable[[BenchContext], Runner]:
+    """Eager PyTorch on ``ctx.device`` (a copy of the model), fp32 or under CUDA autocast at ``dtype``.
+    The ``.cpu()`` of the result waits for the GPU, so a timed call is the whole round trip."""
+    def build(ctx: BenchContext) -> Runner:
+        device = torch.device(ctx.device)
+        if device.type != "cuda":
+            raise LookupError(f"runs on a CUDA device, not {ctx.device} (use bench --device cuda)")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise LookupError(f"{torch.cuda.get_device_name(device)} has no bf16")
+        model = copy.deepcopy(_need_torch(ctx)).to(device).eval()
+
+        def run(x):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+                return model(torch.from_numpy(x).to(device, non_blocking=False)).float().cpu()
+        return run
+    return build
+
+
 def _onnxruntime(ctx: BenchContext, optimization: str = "all") -> Runner:
     path = ctx.given_onnx or ctx.fp32_onnx()
     return _ort_runner(path, ctx.threads, optimization)
@@ -340,12 +366,35 @@ def _extra_runtimes() -> dict[str, Callable[[BenchContext], Runner]]:
     }
 
 
+def _cuda_runtimes() -> dict[str, Callable[[BenchContext], Runner]]:
+    return {"torch-cuda": _torch_cuda(), "torch-cuda-fp16": _torch_cuda(torch.float16),
+            "torch-cuda-bf16": _torch_cuda(torch.bfloat16)}
+
+
 DEFAULT_RUNTIMES = tuple(_runtimes())
 EXTRA_RUNTIMES = tuple(_extra_runtimes())
+CUDA_RUNTIMES = tuple(_cuda_runtimes())
 
 
 def runtime_builders() -> dict[str, Callable[[BenchContext], Runner]]:
-    return {**_runtimes(), **_extra_runtimes()}
+    return {**_runtimes(), **_extra_runtimes(), **_cuda_runtimes()}
+
+
+def _check_device(device: str, model_spec, runtimes) -> Optional[torch.device]:
+    """``None`` for the CPU; else the CUDA device (one error line when it is missing or unusable here)."""
+    if device == "cpu":
+        return None
+    resolved = resolve_device(device, "--device")
+    if resolved.type != "cuda":
+        raise UserError(f"--device {device}: bench times the CPU (default) or a CUDA device")
+    suffix = Path(model_spec).suffix.lower() if model_spec else ""
+    if suffix in (".onnx", ".pt2"):
+        raise UserError(f"--device {device}: bench times PyTorch models on the GPU (a run directory, checkpoint, "
+                        f"state dict or --backbone); {model_spec} is a {suffix} file")
+    other = [r for r in runtimes if r not in CUDA_RUNTIMES]
+    if other:
+        raise UserError(f"--device {device} times {', '.join(CUDA_RUNTIMES)}; not {', '.join(other)}")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -406,7 +455,7 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
           threads: Optional[int] = None, runs: int = 100, throughput_runs: int = 10,
           max_seconds: float = 8.0, throughput_batch: int = 32, normalize: Optional[str] = None,
           embedding_size: Optional[int] = None, input_size: int = 112, trust_code: bool = False,
-          weights: str = "trained-looking") -> dict:
+          weights: str = "trained-looking", device: str = "cpu") -> dict:
     """``{"params", "file_mb", "gmacs", "latency_ms": {rt: {"median", "p90"}}, "throughput_ips":
     {rt: ips}, "threads", ...}`` for a run dir / checkpoint / ONNX file or a random ``backbone``.
 
@@ -422,7 +471,13 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
     says which under ``"weights"``. Subnormal floats are flushed to zero as everywhere else
     (`hardware.flush_denormals`; ``MARGINFACE_FLUSH_DENORMALS=0`` to time without); ``"flush_denormals"``
     records whether it was on.
+
+    ``device``: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``): the ``CUDA_RUNTIMES`` (all
+    of them when ``runtimes`` is the CPU default) on that GPU; the result adds ``device``.
     """
+    if runtimes == DEFAULT_RUNTIMES and device != "cpu":
+        runtimes = CUDA_RUNTIMES
+    gpu = _check_device(device, model_spec, runtimes)
     if weights not in WEIGHTS:
         raise UserError(f"bench: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     flushed = hardware.flush_denormals()
@@ -480,7 +535,8 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
                 model = trained_looking(model)
             info = ModelInfo.of(model)
             hw = info.image_size
-            ctx = BenchContext(hw, threads, workdir, model=model, normalize=info.normalize)
+            ctx = BenchContext(hw, threads, workdir, model=model, normalize=info.normalize,
+                               device=str(gpu) if gpu is not None else "cpu")
             if spec_path is not None and info.source:
                 sizes["checkpoint"] = round(file_mb(info.source), 3)
             sizes["onnx"] = round(file_mb(ctx.fp32_onnx()), 3)
@@ -520,6 +576,8 @@ def bench(model_spec=None, *, backbone: Optional[str] = None, runtimes=DEFAULT_R
                       min_cosine_vs_first=agreement,
                       batch={"latency": 1, "throughput": throughput_batch}, sizes_mb=sizes,
                       load_average=[round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None)
+        if gpu is not None:
+            result["device"] = f"{gpu} ({torch.cuda.get_device_name(gpu)})"
         if skipped:
             result["skipped"] = skipped
         if ctx is not None and ctx.auto_choice is not None:

@@ -4,6 +4,8 @@
   gets its exact curve; a set known only from a report (the trainer's ``report.json``) is drawn
   through its operating points (TAR@FAR and the EER point), marked as such.
 - `plot_score_histograms`: same / different pair score distributions, one panel per set.
+- `plot_cmc`: identification rate against rank (log axis), a line per curve (MegaFace: one per
+  distractor-set size).
 """
 from __future__ import annotations
 
@@ -114,6 +116,30 @@ def plot_score_histograms(path: Path, curves: Curves, thresholds: Optional[Mappi
         ax.legend(fontsize="x-small")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    return _save(plt, fig, path)
+
+
+def plot_cmc(path: Path, curves: Mapping[str, list], title: str = "CMC") -> Optional[Path]:
+    """Cumulative match characteristic: ``curves`` maps a label to its identification rates at
+    ranks 1, 2, ...; one figure, rank on a log x axis. Returns the file, or None without curves
+    or matplotlib."""
+    curves = {k: np.asarray(v, dtype=np.float64) for k, v in curves.items() if len(v)}
+    if not curves:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    for label, rates in curves.items():
+        ranks = np.arange(1, len(rates) + 1)
+        ax.plot(ranks, rates, marker="." if len(rates) < 20 else None, label=f"{label} (rank-1 {rates[0]:.4f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("identification rate")
+    ax.set_ylim(0.0, 1.005)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
     return _save(plt, fig, path)
 
 

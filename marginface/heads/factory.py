@@ -20,10 +20,10 @@ from marginface.errors import UserError
 from marginface.heads.base import LossHead
 from marginface.heads.classifier import Classifier
 from marginface.heads.margins import MARGINS, build_margin
-from marginface.heads.pair import PairBCELoss
+from marginface.heads.pair import ContrastiveLoss, PairBCELoss, TripletLoss
 from marginface.heads.partial_fc import PartialFC
 
-PAIR_LOSSES = MappingProxyType({"pair_bce": PairBCELoss})
+PAIR_LOSSES = MappingProxyType({"pair_bce": PairBCELoss, "triplet": TripletLoss, "contrastive": ContrastiveLoss})
 
 
 def loss_head_names() -> list:

@@ -7,8 +7,11 @@ multiplications of Conv2d and Linear layers:
 - Conv2d: output elements × (in_channels / groups) × kernel_h × kernel_w
 - Linear: output elements × in_features
 
-Biases, BatchNorm, PReLU/ReLU, residual additions, pooling and squeeze-excitation gating are
-not counted: they are cheap next to the convolutions and the published numbers leave them out too.
+- a module with a ``matmul_macs(output)`` method (a transformer's attention: Q·Kᵀ and A·V, which
+  have no weights) adds what it returns for one sample's output.
+
+Biases, BatchNorm, LayerNorm, PReLU/ReLU, residual additions, pooling, softmax and squeeze-excitation
+gating are not counted: they are cheap next to the convolutions and the published numbers leave them out too.
 """
 from __future__ import annotations
 
@@ -60,12 +63,18 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
         nonlocal total
         total += output[0].numel() * module.in_features
 
+    def add_matmuls(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += int(module.matmul_macs(output[0]))
+
     hooks = []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(add_conv))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(add_linear))
+        if callable(getattr(module, "matmul_macs", None)):
+            hooks.append(module.register_forward_hook(add_matmuls))
 
     first = next(model.parameters())
     training_flags = {module: module.training for module in model.modules()}

@@ -34,6 +34,9 @@ Two name tables, written out here so they can be read and tested in both directi
   Inside a unit: ``layers.0.weight`` <-> ``0.weight`` (conv), ``layers.1.<bn>`` <-> ``1.<bn>``,
   ``layers.2.weight`` <-> ``2.weight`` (PReLU).
 
+- **ViT** (``get_model("vit_t" | "vit_s" | "vit_b")``, ``vit.py``): our `VisionTransformer` uses
+  its module names, so the table is the identity as for IResNet.
+
 `recognise` reads a state dict in our names and says which backbone (and embedding size, input
 size, width) builds a model it fits; `marginface.models.pretrained` loads it. Pure functions of
 names and shapes: no file is read here.
@@ -49,11 +52,13 @@ import torch
 from marginface.errors import UserError
 from marginface.models.complexity import final_map_size
 from marginface.models.iresnet import IRESNET_LAYERS, STAGE_WIDTHS
+from marginface.models.vit import PATCH_SIZE, VIT_CONFIGS
 
 # insightface get_model(name) -> our backbone name
 INSIGHTFACE_BACKBONES = MappingProxyType({
     **{f"r{depth}": f"iresnet{depth}" for depth in IRESNET_LAYERS},
     "mbf": "mbf",
+    **{name: name for name in VIT_CONFIGS},
 })
 OURS_TO_INSIGHTFACE = MappingProxyType({ours: theirs for theirs, ours in INSIGHTFACE_BACKBONES.items()})
 
@@ -213,6 +218,34 @@ def _recognise_resnet50(state: Mapping[str, torch.Tensor]) -> Recognised:
     return Recognised("resnet50", fc[0], input_size_for_map(max(map_size, 1)))
 
 
+def _recognise_resnet50_gap(state: Mapping[str, torch.Tensor]) -> Recognised:
+    fc = _shape(state, "embedding.weight")
+    if not fc or len(fc) != 2:
+        raise UserError("ResNet-50 (GAP) without an embedding.weight matrix")
+    return Recognised("resnet50_gap", fc[0], 112)  # global pooling: any input size fits; 112 by default
+
+
+def vit_input_size(grid: int) -> int:
+    """The input side (a multiple of 8) whose 9-pixel patch grid is ``grid`` per side: 12 -> 112, 7 -> 64."""
+    return next(size for size in range(PATCH_SIZE * grid, PATCH_SIZE * grid + PATCH_SIZE) if size % 8 == 0)
+
+
+def _recognise_vit(state: Mapping[str, torch.Tensor]) -> Recognised:
+    pos = _shape(state, "pos_embed")
+    out = _shape(state, "feature.2.weight")
+    if not (pos and out and len(pos) == 3):
+        raise UserError("ViT without pos_embed / feature.2.weight tensors")
+    depth = _count_blocks(state, "blocks.")
+    name = next((n for n, (width, d, _) in VIT_CONFIGS.items() if (width, d) == (pos[2], depth)), None)
+    if name is None:
+        known = ", ".join(f"{n}: width {w}, depth {d}" for n, (w, d, _) in VIT_CONFIGS.items())
+        raise UserError(f"ViT of width {pos[2]} and depth {depth}, which is none of those marginface builds ({known})")
+    grid = int(round(pos[1] ** 0.5))
+    if grid * grid != pos[1]:
+        raise UserError(f"ViT pos_embed {pos} does not hold a square grid of patches")
+    return Recognised(name, out[0], vit_input_size(grid))
+
+
 def recognise(state: Mapping[str, torch.Tensor]) -> Recognised:
     """The backbone a state dict (in our names: run `from_insightface` first) was saved from.
 
@@ -220,7 +253,8 @@ def recognise(state: Mapping[str, torch.Tensor]) -> Recognised:
     ``conv1``, embedding size from ``features``, input size from ``fc``'s input width. MobileFaceNet
     family: ``mbf`` when the second stem conv has groups of 2 channels (the paper's net is
     depthwise), SE from ``.excite.``, embedding size from ``head.linear``, input size from the GDC
-    kernel. ResNet-50 from ``head.fc``. Raises `UserError` (without a file name: callers add it)
+    kernel. ResNet-50 from ``head.fc`` (``resnet50_gap`` from ``embedding``). ViT: the config from
+    the width of ``pos_embed`` and the block count, input size from its token count. Raises `UserError` (without a file name: callers add it)
     when none of these fits; shapes are then checked against the built model by the caller.
     """
     if "stem.0.0.weight" in state:
@@ -229,6 +263,10 @@ def recognise(state: Mapping[str, torch.Tensor]) -> Recognised:
         return _recognise_iresnet(state)
     if "layer1.0.conv3.weight" in state and "head.fc.weight" in state:
         return _recognise_resnet50(state)
+    if "layer1.0.conv3.weight" in state and "embedding.weight" in state:
+        return _recognise_resnet50_gap(state)
+    if "pos_embed" in state and "patch_embed.proj.weight" in state:
+        return _recognise_vit(state)
     first = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(state.items())[:3] if torch.is_tensor(v))
-    raise UserError(f"not a face backbone marginface builds (iresnet*, mbf, mobilefacenet*, resnet50, or "
-                    f"insightface's r18..r200 / mbf); its first tensors: {first or 'none'}")
+    raise UserError(f"not a face backbone marginface builds (iresnet*, mbf, mobilefacenet*, resnet50*, vit_*, or "
+                    f"insightface's r18..r200 / mbf / vit_t..vit_b); its first tensors: {first or 'none'}")

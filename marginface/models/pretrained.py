@@ -12,7 +12,8 @@ insightface arcface_torch ``backbone.pth`` files (r18..r200 with our names, mbf 
 - `backbone_from_state(state, where, backbone=None)`: the architecture recognised from the
   tensors (`insightface.recognise`; ``backbone`` overrides the name), built and loaded strictly.
 - `load_pretrained(model, path, backbone)`: ``model.pretrained`` for fine-tuning: strict, a shape
-  mismatch names the key; a torchvision ResNet-50 file still loads into ``resnet50``'s trunk.
+  mismatch names the key; a torchvision ResNet-50 file still loads into ``resnet50``'s (and
+  ``resnet50_gap``'s) trunk.
 
 Every failure is one `UserError` line naming the file and the first mismatching keys and shapes.
 """
@@ -127,14 +128,15 @@ def load_pretrained(model: nn.Module, path: Union[str, Path], backbone: str) -> 
     """``model.pretrained``: initialise ``model`` (a freshly built ``backbone``) from ``path``, strictly.
 
     ``path`` is a marginface checkpoint or run's ``.pt``, a plain state dict in our names, or an
-    insightface arcface_torch ``backbone.pth``; for ``resnet50`` also a torchvision ImageNet
+    insightface arcface_torch ``backbone.pth``; for ``resnet50`` and ``resnet50_gap`` also a torchvision ImageNet
     state dict (its trunk; the embedding head stays freshly initialised). The classification head
     is never part of this: training creates it for the new identities.
     """
     where = f"model.pretrained {path}"
     obj = read_weights_file(path)
     names = {str(k).removeprefix("module.") for k in obj} if isinstance(obj, dict) else set()
-    if backbone == "resnet50" and "fc.weight" in names and "head.fc.weight" not in names:
+    if (backbone in ("resnet50", "resnet50_gap") and "fc.weight" in names and "head.fc.weight" not in names
+            and "embedding.weight" not in names):
         load_torchvision_weights(model, path)  # torchvision ImageNet layout (reads the file itself)
         return model
     state = state_dict_of(obj, where)

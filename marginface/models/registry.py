@@ -18,7 +18,8 @@ from torch import nn
 from marginface.errors import UserError
 from marginface.models.iresnet import IRESNET_LAYERS, build_iresnet
 from marginface.models.mobilefacenet import MBF, MOBILEFACENET, MOBILEFACENET_SE, build_mobilefacenet
-from marginface.models.resnet import build_resnet50
+from marginface.models.resnet import build_resnet50, build_resnet50_gap
+from marginface.models.vit import VIT_CONFIGS, build_vit
 
 # Input sides must be multiples of 8: the first three stride-2 steps then divide exactly and the
 # last one rounds up (56 -> 4×4 final map), which keeps 56 usable for fast CPU recipes.
@@ -46,6 +47,10 @@ BACKBONES = MappingProxyType({
     **{f"iresnet{depth}_se": BackboneEntry(partial(build_iresnet, depth, squeeze_excite=True), 512)
        for depth in (50, 100)},
     "resnet50": BackboneEntry(build_resnet50, 512),
+    # torchvision's ResNet-50 with global average pooling + one Linear (FaceID's): 24.6M params at any size
+    "resnet50_gap": BackboneEntry(build_resnet50_gap, 512),
+    # arcface_torch's ViTs: 9x9 patches, token masking and drop path in training
+    **{name: BackboneEntry(partial(build_vit, name), 512) for name in VIT_CONFIGS},
 })
 
 
@@ -60,6 +65,8 @@ OPTION_CHECKS: MappingProxyType[str, tuple[Callable[[Any], bool], str]] = Mappin
     "gradient_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
     "squeeze_excite": (lambda v: isinstance(v, bool), "true or false"),
     "pretrained": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a file path or null"),
+    "drop_path": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "mask_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
 })
 
 
@@ -73,7 +80,8 @@ def build_backbone(name: str, embedding_size: int | None = None, input_size: int
 
     `embedding_size` defaults to the model's published size (128 mobilefacenet, 256
     mobilefacenet_se, 512 otherwise). Options per backbone: mobilefacenet*/mbf `width_mult`;
-    iresnet* `dropout`, `gradient_checkpointing`, `width_mult`; resnet50 `dropout`, `pretrained`.
+    iresnet* `dropout`, `gradient_checkpointing`, `width_mult`; resnet50 and resnet50_gap `dropout`,
+    `pretrained`; vit_t/vit_s/vit_b `drop_path`, `mask_ratio` (training only), `gradient_checkpointing`.
     """
     entry = BACKBONES.get(name) if isinstance(name, str) else None
     if entry is None:

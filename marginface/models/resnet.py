@@ -9,6 +9,11 @@ BN2d -> Dropout -> flatten -> Linear -> BN1d; note that on a 2048×7×7 map its 
 
 Parameter names follow torchvision (conv1, bn1, layerX.Y.convK/bnK, layerX.0.downsample.0/1), so
 `pretrained=` loads a torchvision-format ResNet-50 state_dict from a local file.
+
+`ResNet50GAP` (``resnet50_gap``) is the other common recipe (FaceID-style): torchvision's trunk
+unchanged (max-pool kept, total stride 32), global average pooling, then one Linear 2048 -> D
+named ``embedding`` (torchvision's ``fc`` slot with D outputs). Its size does not depend on the
+input: 23.5M trunk + 2048·D + D parameters (24.56M at D=512), about 1.0 GMACs at 112 and 4.1 at 224.
 """
 from __future__ import annotations
 
@@ -65,8 +70,16 @@ class EmbeddingHead(nn.Module):
 
 
 class ResNet50(nn.Module):
+    HEAD_PREFIX = "head."  # the tensors that are not torchvision's trunk
+
     def __init__(self, embedding_size: int, input_size: int, dropout: float = 0.0) -> None:
         super().__init__()
+        channels = self._build_trunk(embedding_size, input_size)
+        self.head = EmbeddingHead(channels, final_map_size(input_size), embedding_size, dropout)
+        self._init_convs()
+
+    def _build_trunk(self, embedding_size: int, input_size: int) -> int:
+        """Stem and the four stages in torchvision's names; returns the output channels (2048)."""
         self.embedding_size = embedding_size
         self.input_size = input_size
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -81,7 +94,9 @@ class ResNet50(nn.Module):
             blocks += [Bottleneck(channels, planes, 1) for _ in range(num_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.head = EmbeddingHead(channels, final_map_size(input_size), embedding_size, dropout)
+        return channels
+
+    def _init_convs(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -90,6 +105,25 @@ class ResNet50(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.head(x)
+
+
+class ResNet50GAP(ResNet50):
+    """torchvision's ResNet-50 (max-pool kept) -> global average pool -> Dropout -> Linear 2048 -> D."""
+
+    HEAD_PREFIX = "embedding."
+
+    def __init__(self, embedding_size: int, input_size: int, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        channels = self._build_trunk(embedding_size, input_size)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.embedding = nn.Linear(channels, embedding_size)
+        self._init_convs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.embedding(self.dropout(torch.flatten(x.mean(dim=(2, 3)), 1)))
 
 
 def load_torchvision_weights(model: ResNet50, path: str | os.PathLike) -> None:
@@ -108,7 +142,7 @@ def load_torchvision_weights(model: ResNet50, path: str | os.PathLike) -> None:
                         f"{not_tensors[0]!r} holds a {type(state[not_tensors[0]]).__name__}")
     state = {key.removeprefix("module."): value for key, value in state.items()}  # DataParallel saves
 
-    trunk = {key: value for key, value in model.state_dict().items() if not key.startswith("head.")}
+    trunk = {key: value for key, value in model.state_dict().items() if not key.startswith(model.HEAD_PREFIX)}
     required = [key for key in trunk if not key.endswith("num_batches_tracked")]
     missing = [key for key in required if key not in state]
     unexpected = [key for key in state if key not in trunk and not key.startswith("fc.")]
@@ -119,7 +153,8 @@ def load_torchvision_weights(model: ResNet50, path: str | os.PathLike) -> None:
         problems = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                     for label, items in (("missing", missing), ("unexpected", unexpected),
                                          ("wrong shape file vs model", wrong_shape)) if items]
-        raise UserError(f"pretrained weights {path} do not fit resnet50: {matched} of {len(required)} trunk "
+        name = "resnet50_gap" if isinstance(model, ResNet50GAP) else "resnet50"
+        raise UserError(f"pretrained weights {path} do not fit {name}: {matched} of {len(required)} trunk "
                         f"tensors match; " + "; ".join(problems))
     model.load_state_dict({key: value for key, value in state.items() if key in trunk}, strict=False)
 
@@ -128,6 +163,15 @@ def build_resnet50(embedding_size: int, input_size: int, dropout: float = 0.0,
                    pretrained: str | os.PathLike | None = None) -> ResNet50:
     """`pretrained`: local torchvision-format ResNet-50 state_dict (.pth); nothing is downloaded."""
     model = ResNet50(embedding_size, input_size, dropout)
+    if pretrained is not None:
+        load_torchvision_weights(model, pretrained)
+    return model
+
+
+def build_resnet50_gap(embedding_size: int, input_size: int, dropout: float = 0.0,
+                       pretrained: str | os.PathLike | None = None) -> ResNet50GAP:
+    """`ResNet50GAP`; ``pretrained``: a local torchvision ResNet-50 state_dict (its ``fc`` is ignored)."""
+    model = ResNet50GAP(embedding_size, input_size, dropout)
     if pretrained is not None:
         load_torchvision_weights(model, pretrained)
     return model
