@@ -33,7 +33,7 @@ import numpy as np
 
 from marginface.data.detect import DETECTORS, MTCNNDetector, build_detector
 from marginface.data.detect.aligned import DetectedFace, detect_faces  # noqa: F401  (DetectedFace: public here too)
-from marginface.data.images import MAX_PIXELS, as_rgb, read_image  # noqa: F401  (read_rgb: re-exported)
+from marginface.data.images import as_rgb, read_image
 from marginface.data.sources import list_image_files
 from marginface.data.synthetic import render_image
 from marginface.deploy.load import load_model

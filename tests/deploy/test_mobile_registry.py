@@ -1,7 +1,6 @@
 """The mobile-format plumbing (`marginface.deploy.mobile`): one registry read by export, load and
 bench; the metadata sidecar; one-line errors for a missing package, a missing companion file and a
 bad sidecar. Each format's own export/run tests live in tests/deploy/test_mobile_<format>.py."""
-import json
 
 import numpy as np
 import pytest
