@@ -26,12 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from marginface.data.detect.retinaface import BGR_MEAN, RetinaFaceDetector, anchors
 from marginface.data.transforms import to_tensor
 from marginface.deploy.mobile import RuntimeEmbedder
 from marginface.deploy.modelfile import atomic_path
 from marginface.errors import UserError
 from marginface.inference import as_hw
+from marginface.models.fold import fold_batchnorm
 
+DETECTOR_SIZE = 640  # side of the square detector input (examples/mobile letterboxes photos into it)
 MAGIC = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite
 INT8_SCHEME = ("static int8 (ai-edge-quantizer static_wi8_ai8): weights per-channel symmetric, activations "
                "per-tensor asymmetric (min/max calibration), int8 input and output")
@@ -212,3 +215,32 @@ class Embedder(RuntimeEmbedder):
         if np.dtype(self._out["dtype"]) != np.float32:
             return (y.astype(np.float32) - zero) * scale
         return y.copy()
+
+
+# ---------------------------------------------------------------------------------------------- detector
+class _RetinaFaceRGB(nn.Module):
+    """RetinaFace-MobileNet0.25 taking RGB 0-255 pixels (``1×3×S×S`` float32) as an app has them: the
+    BGR order and the Caffe means the network was trained with are applied inside the graph."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(BGR_MEAN, dtype=torch.float32).reshape(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor):
+        return self.net(torch.flip(x, dims=[1]) - self.mean)
+
+
+def export_retinaface(weights, out: Path, size: int = DETECTOR_SIZE) -> dict:
+    """The RetinaFace detector marginface uses (``--detector retinaface``, weights as `find_retinaface_weights`
+    finds them) as a fixed ``1×3×size×size`` fp32 ``.tflite`` for apps: outputs ``scores 1×A``,
+    ``box deltas 1×A×4``, ``landmark deltas 1×A×10`` against the anchors of `data.detect.retinaface.anchors`
+    (decoded as `RetinaFaceDetector.detect` does; docs/mobile.md)."""
+    detector = RetinaFaceDetector(weights)
+    module = _RetinaFaceRGB(fold_batchnorm(detector.net.eval()))
+    data = convert_bytes(module, (1, 3, size, size), prepare=False)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_bytes(data)
+    return {"out": str(out), "input": f"1x3x{size}x{size} float32 RGB 0-255, image top-left, zero padded",
+            "anchors": int(len(anchors(size, size))), "file_mb": round(len(data) / 1e6, 3),
+            "converter": " ".join(f"{k} {v}" for k, v in _versions().items())}
