@@ -325,6 +325,9 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
     if fmt in mobile.MOBILE_FORMATS and not backbone and isinstance(source, (str, Path)) \
             and Path(source).suffix.lower() == ".onnx":
         model = module_from_onnx(source, normalize)  # an ONNX embedder through the same converter
+    elif normalize is not None:
+        raise UserError("--normalize applies to an ONNX embedder given as the model of a mobile export "
+                        "(a marginface model records its own)")
     else:
         model = load_source(source, backbone=backbone)
     hw = _input_hw(model)
