@@ -31,6 +31,9 @@ def register(sub) -> None:
                         "output matches fp32, timed here; int8 is a candidate with --calib); "
                         "executorch, tflite, openvino: fp32 or int8 (needs --calib); ncnn: fp32 or fp16; "
                         "torchscript, insightface-pth: fp32")
+    x.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="with an ONNX embedder as MODEL (mobile formats): its input normalisation when the file "
+                        "records none (default arcface)")
     x.add_argument("--batch-size", type=int, default=1,
                    help="with --format aoti: images per compiled call (1: lowest latency; 16: throughput on a CPU)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
@@ -121,7 +124,7 @@ def run_export(args) -> int:
                            grouped_convs=args.grouped_convs)
     report = export_model(args.model, args.out, fmt=args.format, int8=int8, calib=args.calib,
                           opset=args.opset, backbone=args.backbone, quant_options=options if int8 else None,
-                          precision=precision, batch_size=args.batch_size)
+                          precision=precision, batch_size=args.batch_size, normalize=args.normalize)
     if args.int8:  # said after the work, so an error stays the only stderr line
         print("note: export --int8 is deprecated; use --precision int8", file=sys.stderr)
     if args.json:

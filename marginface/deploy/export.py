@@ -32,6 +32,7 @@ from marginface.deploy.autoprecision import AUTO, choose_precision
 from marginface.deploy.compiled import CompiledEmbedder, PRECISIONS
 from marginface.deploy.fold import fold_batchnorm, rewrite_prelu
 from marginface.deploy import mobile
+from marginface.deploy.mobile.onnx_graph import module_from_onnx
 from marginface.deploy.load import TORCHSCRIPT_EXTRA, load_model, load_torch_model, random_backbone
 from marginface.deploy.modelfile import atomic_path, file_mb, set_onnx_metadata  # noqa: F401  (public here too)
 from marginface.deploy.quantize import QuantOptions, load_calibration_images, quantize_onnx
@@ -301,8 +302,11 @@ FORMATS = ("onnx", "torchscript", "aoti", "insightface-pth") + tuple(mobile.MOBI
 def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool = False,
                  calib: Optional[Union[str, Path]] = None, opset: int = DEFAULT_OPSET,
                  backbone: Optional[str] = None, quant_options=None, check: bool = True,
-                 calib_limit: int = 256, precision: str = "fp32", batch_size: int = 1) -> dict:
-    """``marginface export``: returns a report (file, size, metadata, parity with PyTorch)."""
+                 calib_limit: int = 256, precision: str = "fp32", batch_size: int = 1,
+                 normalize: Optional[str] = None) -> dict:
+    """``marginface export``: returns a report (file, size, metadata, parity with PyTorch).
+    A mobile format also takes a plain convolutional ONNX embedder as ``source`` (`mobile.onnx_graph`;
+    ``normalize``: its input normalisation when the file does not record one)."""
     out = Path(out)
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -318,7 +322,14 @@ def export_model(source, out: Union[str, Path], *, fmt: str = "onnx", int8: bool
         _check_compiled_args(out, precision, calib)  # before the (slow) model load
     if fmt in mobile.MOBILE_FORMATS:
         mobile.MOBILE_FORMATS[fmt].load_module("converter")  # a missing converter: one line, before the load
-    model = load_source(source, backbone=backbone)
+    if fmt in mobile.MOBILE_FORMATS and not backbone and isinstance(source, (str, Path)) \
+            and Path(source).suffix.lower() == ".onnx":
+        model = module_from_onnx(source, normalize)  # an ONNX embedder through the same converter
+    elif normalize is not None:
+        raise UserError("--normalize applies to an ONNX embedder given as the model of a mobile export "
+                        "(a marginface model records its own)")
+    else:
+        model = load_source(source, backbone=backbone)
     hw = _input_hw(model)
     if fmt in mobile.MOBILE_FORMATS:
         return _finish_report(export_mobile(model, out, fmt, precision, calib, calib_limit), model, out, check)

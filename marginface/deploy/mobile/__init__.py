@@ -65,7 +65,7 @@ MOBILE_FORMATS: dict[str, MobileFormat] = {f.name: f for f in (
     MobileFormat("executorch", (".pte",), "executorch_pte", "executorch", runtime=("executorch",),
                  converter=("executorch",)),
     MobileFormat("tflite", (".tflite",), "litert_tflite", "litert", runtime=("ai_edge_litert",),
-                 converter=("litert_torch",)),
+                 converter=("litert_torch", "ai_edge_quantizer", "ai_edge_litert")),
     MobileFormat("ncnn", (".param",), "ncnn_param", "ncnn", runtime=("ncnn",), converter=("pnnx",),
                  precisions=("fp32", "fp16"), companions=(".bin",)),
     MobileFormat("openvino", (".xml",), "openvino_ir", "openvino", runtime=("openvino",), converter=("openvino",),
