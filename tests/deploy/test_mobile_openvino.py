@@ -137,3 +137,19 @@ def test_export_refuses_to_replace_another_models_bin(model, tmp_path):
         mobile.export("openvino", fold_batchnorm(model), tmp_path / "m.xml", precision="fp32", calib_images=None,
                       metadata=build_metadata(model))
     assert (tmp_path / "m.bin").read_bytes() == b"ncnn weights" and not (tmp_path / "m.xml").exists()
+
+
+def test_pretrained_onnx_converts_with_the_same_exporter(tmp_path):
+    """The pretrained MobileFaceNet ONNX (ImageNet normalisation, 128-d) as IR: the same embeddings
+    as ONNX Runtime gives on the real aligned faces, batch made dynamic, metadata from the sidecar."""
+    onnx_path = need("weights/mobilefacenet_onnx/MobileFaceNet.onnx")
+    source = load_model(onnx_path, "imagenet", threads=1)
+    out = tmp_path / "mobilefacenet.xml"
+    metadata = build_metadata(source)
+    mobile.export("openvino", onnx_path, out, precision="fp32", calib_images=None, metadata=metadata)
+    emb = load_model(out, threads=1)
+    assert (emb.info.normalize, emb.info.embedding_size, emb.fixed_batch) == ("imagenet", 128, None)
+    faces = load_bin(need("verification/lfw_head20.bin")).images
+    x = to_tensor(faces, "imagenet")
+    cos = _cosines(np.asarray(source(x)), emb(x).numpy())
+    assert cos.min() >= 0.9999, cos.min()

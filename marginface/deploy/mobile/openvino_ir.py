@@ -23,7 +23,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -72,9 +72,33 @@ def _quantize(ov_model, calib_images: np.ndarray, normalize: str):
         return nncf.quantize(ov_model, dataset, subset_size=len(x), preset=nncf.QuantizationPreset.MIXED)
 
 
-def export(model: torch.nn.Module, out: Path, *, precision: str, calib_images: Optional[np.ndarray],
+def _convert(model: Union[torch.nn.Module, Path], metadata: dict):
+    """OpenVINO's model of a torch module, or of an ONNX file (the batch dimension made dynamic
+    where the graph allows it)."""
+    import openvino as ov  # deferred: optional extra (marginface[openvino])
+
+    if isinstance(model, torch.nn.Module):
+        h, w = _hw(metadata, model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings
+            return ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, h, w),
+                                    input=[ov.PartialShape([-1, 3, h, w])])
+    try:
+        ov_model = ov.convert_model(str(model))
+    except Exception as exc:
+        raise UserError(f"{model}: OpenVINO could not convert this ONNX model ({_first_line(exc)})") from None
+    shape = ov_model.inputs[0].get_partial_shape()
+    if shape.rank.is_static and shape.rank.get_length() == 4:
+        dynamic = ov.PartialShape([-1, *(shape[i] for i in range(1, 4))])
+        with contextlib.suppress(Exception):  # a graph with the batch baked into a Reshape keeps batch 1
+            ov_model.reshape({ov_model.inputs[0]: dynamic})
+    return ov_model
+
+
+def export(model: Union[torch.nn.Module, Path], out: Path, *, precision: str, calib_images: Optional[np.ndarray],
            metadata: dict) -> dict:
-    """Convert ``model`` with OpenVINO (and NNCF for int8); write ``out`` (.xml) and ``out``.bin."""
+    """Convert ``model`` (a torch module, or the path of an ONNX model such as a pretrained embedder)
+    with OpenVINO (and NNCF for int8); write ``out`` (.xml) and ``out``.bin."""
     import openvino as ov  # deferred: optional extra (marginface[openvino])
 
     out = Path(out)
@@ -87,12 +111,8 @@ def export(model: torch.nn.Module, out: Path, *, precision: str, calib_images: O
     if precision == "int8" and (calib_images is None or not len(calib_images)):
         raise UserError("--precision int8 needs --calib DIR: a folder of aligned face crops for calibration")
     nncf = _nncf() if precision == "int8" else None  # before the conversion
-    h, w = _hw(metadata, model)
     report = {"converter": f"openvino {ov.get_version().split('-')[0]}"}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings
-        ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, h, w),
-                                    input=[ov.PartialShape([-1, 3, h, w])])
+    ov_model = _convert(model, metadata)
     if nncf is not None:
         ov_model = _quantize(ov_model, calib_images, metadata.get("normalize", "arcface"))
         report["quantization"] = (f"nncf {nncf.__version__} post-training: int8 per-channel weights, int8 activations "
