@@ -29,7 +29,8 @@ def register(sub) -> None:
                    help="arithmetic of the exported model; onnx: fp32 or int8 (static, needs --calib); "
                         "aoti: fp32, bf16, int8 (needs --calib and torchao) or auto (the fastest path whose "
                         "output matches fp32, timed here; int8 is a candidate with --calib); "
-                        "executorch, tflite, openvino: fp32 or int8 (needs --calib); ncnn: fp32 or fp16; "
+                        "executorch, tflite: fp32 or int8 (needs --calib); openvino: fp32, fp16 or int8 (needs --calib); "
+                        "ncnn: fp32 or fp16; "
                         "torchscript, insightface-pth: fp32")
     x.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="with an ONNX embedder as MODEL (mobile formats): its input normalisation when the file "

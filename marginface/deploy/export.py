@@ -375,8 +375,11 @@ def export_mobile(model: torch.nn.Module, out: Path, fmt: str, precision: str, c
 
 
 def _finish_report(report: dict, model, out: Path, check: bool) -> dict:
-    """Size, parity with the PyTorch model and the metadata as read back by `load_model`."""
-    report["file_mb"] = file_mb(out)
+    """Size (with a mobile format's companion files), parity with the PyTorch model and the metadata
+    as read back by `load_model`."""
+    fmt = mobile.format_of(out)
+    companions = [out.with_suffix(s) for s in fmt.companions] if fmt else []
+    report["file_mb"] = file_mb(out) + sum(file_mb(p) for p in companions if p.is_file())
     if check:
         report["parity"] = check_parity(model, out, trust_code=True)  # the file we have just written
     loaded = load_model(out, threads=1, trust_code=True)  # the file we have just written

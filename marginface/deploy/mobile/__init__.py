@@ -69,7 +69,7 @@ MOBILE_FORMATS: dict[str, MobileFormat] = {f.name: f for f in (
     MobileFormat("ncnn", (".param",), "ncnn_param", "ncnn", runtime=("ncnn",), converter=("pnnx",),
                  precisions=("fp32", "fp16"), companions=(".bin",)),
     MobileFormat("openvino", (".xml",), "openvino_ir", "openvino", runtime=("openvino",), converter=("openvino",),
-                 companions=(".bin",)),
+                 precisions=("fp32", "fp16", "int8"), companions=(".bin",)),  # int8 also needs nncf
 )}
 
 
@@ -165,6 +165,20 @@ class RuntimeEmbedder(InfoAttributes, abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path}, {self.info.precision})"
+
+
+def check_companions_free(out: Union[str, Path]) -> None:
+    """Refuse an export whose companion file belongs to another model beside it: NCNN's ``m.param``
+    and OpenVINO's ``m.xml`` both keep their weights in ``m.bin``, and writing one must not break
+    the other."""
+    out = Path(out)
+    fmt = format_of(out)
+    for suffix in (fmt.companions if fmt else ()):
+        for other in MOBILE_FORMATS.values():
+            owner = out.with_suffix(other.suffixes[0])
+            if other is not fmt and suffix in other.companions and owner.is_file():
+                raise UserError(f"{out}: its {suffix} file {owner.with_suffix(suffix).name} would replace the "
+                                f"weights of {owner.name} ({other.name}); choose another name")
 
 
 def load(path: Union[str, Path], normalize: Optional[str] = None, *, threads: Optional[int] = None):
