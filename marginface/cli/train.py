@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from marginface.cli.options import add_threads, apply_threads, note, print_json
+from marginface.io.progress import phase
 
 # deferred: startup time. The training stack (torch, the trainer) is imported when the command runs.
 
@@ -31,6 +32,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    phase("loading torch and the training code...", enabled=not args.json and not args.dry_run)
     from marginface.train import rundir
 
     apply_threads(args.threads)
