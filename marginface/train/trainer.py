@@ -537,6 +537,11 @@ class Trainer:
     def _better(value: float, than: float, spec: str) -> bool:
         return value < than if spec.split("/", 1)[1] in LOWER_IS_BETTER else value > than
 
+    @property
+    def interrupted(self) -> bool:
+        """A stop signal (Ctrl-C, SIGTERM) arrived during this `fit`, also one too late to stop anything."""
+        return self._stop_signal is not None
+
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
             # a second signal (a second Ctrl-C): leave at once. A checkpoint being written is abandoned
