@@ -1,6 +1,8 @@
 """Progress of long steps on stderr: the one place commands say what they are doing.
 
 - `phase(text)`: one line ("loading torch...", "building data: ...") before a step that takes a while.
+- `Working(what)`: a step with nothing to count (compiling, int8 calibration): its name and the
+  seconds it has taken so far, on a terminal every second, elsewhere a line every ``every_s``.
 - `Progress(what, total)`: a count of items done. On a terminal it redraws one line in place (a bar,
   the count, a smoothed rate and ETA, at most ``redraw_s`` apart); on a pipe or a log file it prints a
   plain line every ``every_s`` seconds (nothing at all for a step shorter than that), so logs stay
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Callable, Optional, TextIO
 
@@ -75,6 +78,7 @@ class Progress:
         self._last_line = self._t0
         self._drawn = False  # terminal: a partial line is on screen
         self._printed = False  # log: at least one line was printed
+        self._printed_done = -1  # log: the count its last line showed
         self.closed = False
 
     # ------------------------------------------------------------------ numbers
@@ -126,6 +130,13 @@ class Progress:
         elif now - self._last_line >= self.every_s:
             self._line(now)
 
+    def __call__(self, done: int, total: Optional[int] = None) -> None:
+        """The library callback convention ``progress(done, total)``: ``done`` items of ``total`` (which
+        may be learnt only when the work starts)."""
+        if total is not None:
+            self.total = int(total)
+        self.set(done)
+
     def line(self) -> str:
         """The progress text: ``what: done/total unit [bar] pct  rate  eta m:ss  postfix``."""
         parts = []
@@ -162,7 +173,7 @@ class Progress:
 
     def _line(self, now: float) -> None:
         print(self.line(), file=self.stream, flush=True)
-        self._printed, self._last_line = True, now
+        self._printed, self._last_line, self._printed_done = True, now, self.done
 
     def _clear(self) -> None:
         if self._drawn:
@@ -191,16 +202,80 @@ class Progress:
                 self._draw(now)
                 self.stream.write("\n")
                 self.stream.flush()
-            elif not self.tty and self._printed:
+            elif not self.tty and self._printed and self._printed_done != self.done:
                 self._line(now)
+        self._drawn = False
+        self.closed = True
+
+    def abort(self) -> None:
+        """The step failed: clear the terminal line (its error follows), print no final state."""
+        if self.enabled and self.tty:
+            self._clear()
+            self.stream.flush()
         self._drawn = False
         self.closed = True
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+class Working:
+    """``with Working("compiling the model (int8)"):`` around a step that reports nothing itself.
+
+    On a terminal a background thread redraws ``what... 12 s`` every ``tick_s``; elsewhere ``what...``
+    is printed at the start and ``what: still working (1:10)`` every ``every_s``. The end says
+    ``what: done in m:ss``; a step that fails clears its line and prints nothing more (its error follows)."""
+
+    def __init__(self, what: str, *, enabled: bool = True, stream: Optional[TextIO] = None,
+                 tty: Optional[bool] = None, every_s: Optional[float] = None, tick_s: float = 1.0):
+        self.what, self.enabled = what, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _is_tty(self.stream) if tty is None else bool(tty)
+        self.every_s = EVERY_S if every_s is None else float(every_s)
+        self.tick_s = float(tick_s)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._t0 = 0.0
+
+    def _say(self, text: str, end: str) -> None:
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r" + text[: max(shutil.get_terminal_size((100, 24)).columns - 1, 10)] + "\x1b[K" + end)
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def _run(self) -> None:
+        interval = self.tick_s if self.tty else self.every_s
+        while not self._stop.wait(interval):
+            elapsed = format_duration(time.monotonic() - self._t0)
+            self._say(f"{self.what}... {elapsed}" if self.tty else f"{self.what}: still working ({elapsed})", "")
+
+    def __enter__(self) -> "Working":
+        self._t0 = time.monotonic()
+        if self.enabled:
+            self._say(f"{self.what}...", "")
+            if self.tty or self.every_s > 0:
+                self._thread = threading.Thread(target=self._run, name="marginface-progress", daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if exc_type is None:
+            self._say(f"{self.what}: done in {format_duration(time.monotonic() - self._t0)}", "\n")
+        elif self.tty:
+            with self._lock:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
 
 
 def counter(what: str, total: Optional[int] = None, *, enabled: bool = True, unit: str = "") -> Callable[..., None]:

@@ -1,8 +1,11 @@
 """marginface.io.progress: one line redrawn on a terminal, a line every N seconds elsewhere, a smoothed
 ETA after a few items, nothing with enabled=False, and only ever on the stream it was given (stderr)."""
 import io
+import time
 
-from marginface.io.progress import Progress, counter, format_duration, phase
+import pytest
+
+from marginface.io.progress import Progress, Working, counter, format_duration, phase
 
 
 class Clock:
@@ -73,7 +76,7 @@ def test_log_style_prints_every_n_seconds_and_nothing_for_short_steps():
     slow.close()
     lines = out.getvalue().splitlines()
     assert [line.split("  ")[0] for line in lines] == ["enroll: 10/30 images (33%)", "enroll: 20/30 images (67%)",
-                                                      "enroll: 30/30 images (100%)", "enroll: 30/30 images (100%)"]
+                                                      "enroll: 30/30 images (100%)"]  # the last state once
     assert "\r" not in out.getvalue() and "eta 0:10" in lines[1]
 
 
@@ -108,3 +111,38 @@ def test_terminal_line_fits_the_width():
     bar = Progress("a-very-long-step-name", 10, stream=out, redraw_s=0, width=40)
     bar.update(postfix="x" * 200)
     assert max(len(line) for line in screen(out.getvalue())) <= 39
+
+
+def test_a_failed_step_clears_its_line_and_prints_no_final_state():
+    out = Terminal()
+    with pytest.raises(ValueError):
+        with Progress("align", 10, stream=out, redraw_s=0) as bar:
+            bar.update(4)
+            raise ValueError("boom")
+    assert screen(out.getvalue()) == [""] and "4/10" in out.getvalue()
+    log = io.StringIO()
+    with pytest.raises(ValueError):
+        with Progress("align", 10, stream=log, every_s=0) as bar:
+            bar.update(4)
+            raise ValueError("boom")
+    assert log.getvalue().splitlines() == [bar.line()]  # the update's line only, no "done"
+
+
+def test_working_says_what_and_how_long():
+    log = io.StringIO()
+    with Working("compiling the model (int8)", stream=log, every_s=0.01):
+        time.sleep(0.05)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "compiling the model (int8)..."
+    assert any(line.startswith("compiling the model (int8): still working (0:00)") for line in lines[1:-1])
+    assert lines[-1] == "compiling the model (int8): done in 0:00"
+    term = Terminal()
+    with pytest.raises(RuntimeError):
+        with Working("exporting onnx", stream=term, tick_s=0.01):
+            time.sleep(0.03)
+            raise RuntimeError("failed")
+    assert screen(term.getvalue()) == [""]  # a failure leaves no half line before its error
+    quiet = io.StringIO()
+    with Working("x", stream=quiet, enabled=False):
+        pass
+    assert quiet.getvalue() == ""
