@@ -136,3 +136,31 @@ def test_gallery_enroll_skip_no_face_goes_on_past_unreadable_files(tmp_path, cap
     assert [line for line in err if not line.startswith("enrolling: ")] == err[-1:]
     assert err[-1].startswith("error: ") and "no identity with a usable face image (2 image(s) skipped: " in err[-1]
     assert "1.jpg: not an image (cannot be decoded); " in err[-1] and "2.jpg: no face found)" in err[-1]
+
+
+class PairsEmbedder(FakeEmbedder):
+    """verify --pairs: embed_many reports each distinct photo (FaceEmbedder's progress callback)."""
+
+    def embed_many(self, images, progress=None):
+        seen = {}
+        for image in images:
+            key = str(Path(image).resolve())
+            if key not in seen:
+                seen[key] = self.largest_face(image).crop
+                if progress is not None:
+                    progress(len(seen))
+        return np.stack([seen[str(Path(image).resolve())] for image in images])
+
+
+def test_verify_pairs_shows_progress_on_stderr_only(tmp_path, capsys, monkeypatch, every_update):
+    monkeypatch.setattr("marginface.cli.options.face_embedder", lambda args: PairsEmbedder())
+    for k in range(3):
+        (tmp_path / f"{k}.jpg").write_bytes(k.to_bytes(4, "little"))
+    (tmp_path / "pairs.csv").write_text("file_x,file_y\n0.jpg,1.jpg\n1.jpg,2.jpg\n0.jpg,2.jpg\n")
+    argv = ["verify", "--pairs", str(tmp_path / "pairs.csv"), "--model", "m.onnx"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3 and "finding faces: 3/3 photos (100%)" in err
+    assert cli.main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["pairs"]) == 3 and err == ""
