@@ -1,6 +1,7 @@
 """Progress of long steps on stderr: the one place commands say what they are doing.
 
-- `phase(text)`: one line ("loading torch...", "building data: ...") before a step that takes a while.
+- `phase(text)`: one line ("loading torch...", "building data: ...") before a step that takes a while,
+  on a terminal only (a script meeting bad input still sees exactly one ``error:`` line).
 - `Working(what)`: a step with nothing to count (compiling, int8 calibration): its name and the
   seconds it has taken so far, on a terminal every second, elsewhere a line every ``every_s``.
 - `Progress(what, total)`: a count of items done. On a terminal it redraws one line in place (a bar,
@@ -44,10 +45,12 @@ def _is_tty(stream) -> bool:
         return False
 
 
-def phase(text: str, *, enabled: bool = True, stream: Optional[TextIO] = None) -> None:
-    """One line on stderr saying what happens next (``enabled=False``: nothing)."""
-    if enabled:
-        stream = stream if stream is not None else sys.stderr
+def phase(text: str, *, enabled: bool = True, stream: Optional[TextIO] = None, tty: Optional[bool] = None) -> None:
+    """One line on stderr saying what happens next, on a terminal only (``tty``: force either way;
+    ``enabled=False``: nothing). Off a terminal nothing is printed, so a script that meets bad input
+    still gets exactly one ``error:`` line."""
+    stream = stream if stream is not None else sys.stderr
+    if enabled and (_is_tty(stream) if tty is None else tty):
         print(text, file=stream, flush=True)
 
 
@@ -225,9 +228,10 @@ class Progress:
 class Working:
     """``with Working("compiling the model (int8)"):`` around a step that reports nothing itself.
 
-    On a terminal a background thread redraws ``what... 12 s`` every ``tick_s``; elsewhere ``what...``
-    is printed at the start and ``what: still working (1:10)`` every ``every_s``. The end says
-    ``what: done in m:ss``; a step that fails clears its line and prints nothing more (its error follows)."""
+    On a terminal a background thread redraws ``what... 12 s`` every ``tick_s``; elsewhere
+    ``what: still working (1:10)`` is printed every ``every_s`` (nothing for a shorter step). The end
+    says ``what: done in m:ss`` (off a terminal only after such a line); a step that fails clears its
+    line and prints nothing more (its error follows)."""
 
     def __init__(self, what: str, *, enabled: bool = True, stream: Optional[TextIO] = None,
                  tty: Optional[bool] = None, every_s: Optional[float] = None, tick_s: float = 1.0):
@@ -240,9 +244,11 @@ class Working:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._t0 = 0.0
+        self._said = False
 
     def _say(self, text: str, end: str) -> None:
         with self._lock:
+            self._said = True
             if self.tty:
                 self.stream.write("\r" + text[: max(shutil.get_terminal_size((100, 24)).columns - 1, 10)] + "\x1b[K" + end)
             else:
@@ -258,7 +264,8 @@ class Working:
     def __enter__(self) -> "Working":
         self._t0 = time.monotonic()
         if self.enabled:
-            self._say(f"{self.what}...", "")
+            if self.tty:
+                self._say(f"{self.what}...", "")
             if self.tty or self.every_s > 0:
                 self._thread = threading.Thread(target=self._run, name="marginface-progress", daemon=True)
                 self._thread.start()
@@ -270,7 +277,7 @@ class Working:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if exc_type is None:
+        if exc_type is None and self._said:
             self._say(f"{self.what}: done in {format_duration(time.monotonic() - self._t0)}", "\n")
         elif self.tty:
             with self._lock:

@@ -1,6 +1,8 @@
 """`marginface train` on the console: start-up phase lines before the first step, and a Ctrl-C during
 the final evaluation stops with exit 130 and a line saying what was saved (issue 21)."""
+import io
 import signal
+import sys
 
 import pytest
 
@@ -16,15 +18,32 @@ def train(tmp_path, name: str) -> int:
     return cli.main(["train", "--out", str(tmp_path / name), "--threads", "1", "--set", *TINY])
 
 
-def test_start_up_says_what_it_does_before_the_first_step(tmp_path, capsys):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_start_up_says_what_it_does_before_the_first_step(tmp_path, capsys, monkeypatch):
+    """On a terminal: a line per start-up phase, then the progress line (moved at every step)."""
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
     assert train(tmp_path, "run") == 0
-    err = capsys.readouterr().err.splitlines()
+    err = [line.split("\r")[-1].replace("\x1b[K", "") for line in term.getvalue().split("\n")]
     order = ["loading torch and the training code...",
              "building data: rendering 16 synthetic images of 8 identities at 32px...",
              "building validation sets: synthetic (20 pairs over 6 held-out identities)...",
              "building the model: mbf...", "starting the TensorBoard log..."]
     assert [line for line in err if line in order] == order
-    assert err.index(order[-1]) < next(i for i, line in enumerate(err) if line.startswith("step 1/2"))
+    assert err.index(order[-1]) < next(i for i, line in enumerate(err) if line.startswith("train: 2/2 steps"))
+    assert sum(line.startswith("train: 2/2 steps") for line in err) == 1  # the bar's last state: one line
+
+
+def test_off_a_terminal_a_bad_config_is_still_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--set", "optim.lrr=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].startswith("error: ")
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--set", *TINY, "data.train=/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "/nonexistent" in err[0]
 
 
 @pytest.fixture
