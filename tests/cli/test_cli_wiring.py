@@ -72,7 +72,7 @@ def test_choices_are_the_registries():
     assert list(option("export", "--format").choices) == list(FORMATS) and "insightface-pth" in FORMATS
     from marginface.deploy.export import EXPORT_PRECISIONS
 
-    assert list(option("export", "--precision").choices) == list(EXPORT_PRECISIONS) == list(PRECISIONS) + ["auto"]
+    assert list(option("export", "--precision").choices) == list(EXPORT_PRECISIONS) == list(PRECISIONS) + ["fp16", "auto"]
     assert list(option("eval", "--precision").choices) == list(PRECISIONS)
     for path in ("verify", "data align", "gallery search", "faces", "identify-folder", "serve"):
         assert list(option(path, "--detector").choices) == list(DETECTORS), path
