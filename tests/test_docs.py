@@ -31,6 +31,7 @@ import torch
 
 from marginface import cli
 from marginface.errors import UserError
+from shared_data import need  # noqa: E402  (tests/shared_data.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -211,3 +212,98 @@ def shell_commands_from(text: str, tmp_path: Path) -> list:
     path = tmp_path / "doc.md"
     path.write_text(text)
     return shell_commands(path)
+
+
+# ---------------------------------------------------------------------------------------------- walk-through
+# Every marginface command of README.md and docs/quickstart.md, run in order in one temporary directory
+# (so `runs/...` and `model.onnx` written by one command are read by the next) on the shared sample data:
+# the files the docs name (lfw.bin, a.jpg, faces/, people/, ...) are links to it, /data/x is ./data/x,
+# and every training is made tiny by arguments appended to the command (argparse and --set: the last wins).
+TINY_TRAIN = ["--set", "train.max_steps=2", "train.batch_size=8", "eval.every=0", "schedule.warmup_steps=0",
+              "model.input_size=32", "data.synthetic.identities=8", "data.synthetic.images_per_identity=2",
+              "data.synthetic.val_identities=6", "data.synthetic.val_images_per_identity=3",
+              "data.synthetic.val_pairs=20", "train.log_every=1"]
+TINY = {"train": TINY_TRAIN, "viz": ["--steps", "3", "--identities", "3", "--images", "4", "--batch-size", "8"],
+        "synth": ["--identities", "3", "--images", "2", "--size", "32"], "bench": ["--runs", "3"]}
+# commands that name data these machines do not have: one `error:` line, exit 2
+NEEDS_DATA = {"configs/ms1mv3_r50.yaml": "MS1MV3", "path/to/train.rec": "a training pack", "ijbc/": "IJB-C"}
+# commands whose work is compiling for a minute or more on 2 cores (covered by tests/deploy/test_compiled.py)
+COMPILES = {("eval", "--precision", "int8"), ("export", "--format", "aoti")}
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def _sample_files(root: Path) -> None:
+    """The files the docs' commands name, as links to the shared sample data."""
+    lfw = need("verification/lfw_head20.bin")
+    for name in ("lfw.bin", "cfp_fp.bin", "agedb_30.bin"):
+        _link(lfw, root / name)
+        _link(lfw, root / "data" / name)
+    photos, johns = need("photos/deepface"), need("identities/johns")
+    _link(photos / "img1.jpg", root / "a.jpg")
+    _link(photos / "img2.jpg", root / "b.jpg")
+    people = sorted(p for p in johns.iterdir() if p.is_dir())[:3]
+    _link(sorted(people[0].iterdir())[-1], root / "face.jpg")
+    for person in people:
+        images = sorted(person.iterdir())
+        for image in images[:2]:
+            _link(image, root / "people" / person.name / image.name)
+            _link(image, root / "gallery" / person.name / image.name)
+        _link(images[2], root / "probes" / person.name / images[2].name)
+        _link(images[3], root / "distractors" / images[3].name)
+    for image in sorted(need("verification/lfw_mini").rglob("*.jpg"))[:8]:
+        _link(image, root / "faces" / image.name)
+
+
+def walkthrough_commands() -> list:
+    """[(doc:line, argv)] of the marginface commands of README.md and docs/quickstart.md, in order."""
+    out = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        for line_no, argv in shell_commands(doc):
+            args = marginface_argv(argv)
+            if args is not None:
+                out.append((f"{doc.relative_to(ROOT)}:{line_no}", args))
+    return out
+
+
+@pytest.mark.slow
+def test_walkthrough_of_readme_and_quickstart(tmp_path, monkeypatch, capsys):
+    """Each command exits 0 on the sample data, or (when it names data these machines lack) with one
+    `error:` line and code 2; never a traceback. Prints each command's wall time."""
+    import time
+
+    torch.set_num_threads(1)
+    _sample_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MARGINFACE_DETECTOR_DIR", str(need("weights/mtcnn")))
+    failures, timings = [], []
+    for where, args in walkthrough_commands():
+        if any(all(word in args for word in key) for key in COMPILES):
+            timings.append(f"{where}: not run (compiles for minutes; tests/deploy/test_compiled.py)")
+            continue
+        argv = [token.replace("/data/", "data/", 1) if token.startswith("/data/") else token for token in args]
+        argv += TINY.get(argv[1] if argv[0] == "data" and len(argv) > 1 else argv[0], [])
+        started = time.perf_counter()
+        try:
+            rc = cli.main(argv)
+        except SystemExit as exc:  # --help
+            rc = exc.code
+        except BaseException as exc:  # a traceback is what this test exists to catch
+            rc = f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - started
+        err = capsys.readouterr().err
+        timings.append(f"{where}: {seconds:5.1f} s  marginface {shlex.join(args)}")
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        missing = next((what for key, what in NEEDS_DATA.items() if key in args), None)
+        if missing:
+            if rc != 2 or len(errors) != 1 or "Traceback" in err:
+                failures.append(f"{where}: `{shlex.join(args)}` needs {missing}: expected one error line and exit 2, "
+                                f"got {rc}: {err.strip()[-300:]}")
+        elif rc != 0:
+            failures.append(f"{where}: `{shlex.join(args)}` exited {rc}: {err.strip()[-300:]}")
+    with capsys.disabled():
+        print("\n" + "\n".join(timings))
+    assert not failures, "\n".join(failures)

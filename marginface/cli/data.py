@@ -1,7 +1,9 @@
 """`marginface data synth|inspect|convert|align|get-detector`."""
 from __future__ import annotations
 
-from marginface.cli.options import add_detector_options, print_json
+from marginface.cli.options import add_detector_options, print_json, problem_lines
+from marginface.errors import UserError
+from marginface.io.progress import Progress
 
 # deferred: startup time. Each command imports the data module it runs.
 
@@ -80,12 +82,21 @@ def run_align(args) -> int:
     from marginface.data.tools import align_folder
 
     detector = build_detector(args.detector, weights=args.detector_weights)
-    info = align_folder(args.src, args.dst, detector, size=args.size)
+    with Progress("aligning", None, unit="images", enabled=not args.json) as bar:
+        info = align_folder(args.src, args.dst, detector, size=args.size, progress=bar)
+    if not info["aligned"]:  # nothing was written: the problems are the error
+        problems = [f"{len(info[k])} {k.replace('_', ' ')}" for k in ("no_face", "unreadable") if info[k]]
+        first = (info["no_face"] + info["unreadable"])[:3]
+        raise UserError(f"{args.src}: no face aligned in {info['images']} image(s) ({', '.join(problems)}: "
+                        f"{', '.join(first)}{', ...' if sum(map(len, (info['no_face'], info['unreadable']))) > 3 else ''})")
     if args.json:
         print_json(info)
     else:
-        for k, v in info.items():
-            print(f"{k}: {v}")
+        print(f"aligned {info['aligned']} of {info['images']} images into {args.dst}")
+        for key, title in (("no_face", "no face found (not written)"), ("unreadable", "unreadable (not written)"),
+                           ("multiple_faces", "several faces (the largest was aligned)")):
+            for line in problem_lines(title, info[key]):
+                print(line)
     return 0
 
 

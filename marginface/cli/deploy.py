@@ -6,8 +6,9 @@ from pathlib import Path
 
 from marginface.cli import options
 from marginface.cli.options import (add_face_model_options, add_json, apply_threads, check_positive, note,
-                                    print_json)
+                                    print_json, problem_lines)
 from marginface.errors import UserError
+from marginface.io.progress import Progress
 
 # deferred: startup time. The deployment stack is imported when a command runs; the face embedder is
 # made by `options.face_embedder` (looked up on use, so tests can replace it).
@@ -46,7 +47,9 @@ def register(sub) -> None:
                                                 "processes); .npz galleries are read-only, see `gallery convert`")
     en.add_argument("--replace", action="store_true",
                     help="replace the enrolled images of the identities in DIR (default: add to them)")
-    en.add_argument("--skip-no-face", action="store_true", help="skip images without a face instead of failing")
+    en.add_argument("--skip-no-face", action="store_true",
+                    help="skip images without a face or that cannot be read, and list them all at the end, instead "
+                         "of failing at the first (it fails only when no image was usable)")
     add_face_model_options(en, threshold_help=argparse.SUPPRESS)  # enrolment compares nothing (deprecated)
     en.set_defaults(func=run_gallery_enroll)
     se = gsub.add_parser("search", help="the closest enrolled identities of the largest face in IMAGE")
@@ -89,7 +92,8 @@ def run_verify(args) -> int:
     if args.pairs and (args.face_a is not None or args.face_b is not None):
         raise UserError("verify: --face-a/--face-b pick a face of two images; --pairs uses each photo's largest")
     if args.pairs:
-        result = verify_pair_list(fe, args.pairs)
+        with Progress("finding faces", None, unit="photos", enabled=not args.json) as bar:
+            result = verify_pair_list(fe, args.pairs, progress=bar)
         if defaulted:
             note(defaulted)
         if args.json:
@@ -162,15 +166,19 @@ def run_gallery_enroll(args) -> int:
 
     check_enroll_target(args.db, args.dir)  # before the model loads
     fe = options.face_embedder(args)
-    report = enroll_store(fe, args.dir, args.db, replace=args.replace, skip_no_face=args.skip_no_face)
+    identities = sum(1 for p in Path(args.dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    with Progress("enrolling", identities, unit="identities", enabled=not args.json) as bar:
+        report = enroll_store(fe, args.dir, args.db, replace=args.replace, skip_no_face=args.skip_no_face,
+                              progress=lambda name, faces: bar.update())
     if args.json:
         print_json(report)
     else:
         print(f"enrolled {report['identities']} identities ({report['added']} new images, "
               f"{report['already_enrolled']} already enrolled{', replaced' if args.replace else ''}) into "
               f"{args.db}; it holds {report['gallery_identities']} identities")
-        for item in report["skipped"]:
-            print(f"  skipped {item['file']}: {item['reason']}")
+        for line in problem_lines("skipped (no face or unreadable; the other images were enrolled)",
+                                  [f"{item['file']}: {item['reason']}" for item in report["skipped"]]):
+            print(line)
     if args.threshold is not None:  # said after the work, so an error stays the only stderr line
         note("gallery enroll --threshold is deprecated and ignored: enrolment compares no faces "
              "(give --threshold to `gallery search` or `verify`)")
@@ -183,7 +191,7 @@ def run_gallery_search(args) -> int:
     check_positive("--top", args.top)
     gallery = open_gallery(args.db)
     fe = options.face_embedder(args)
-    gallery.check_model(*fe.fingerprint(), where=str(args.db))
+    gallery.check_model(*fe.fingerprint(), where=str(args.db), embedder=fe)
     result = search_face(fe, gallery, args.image, top_k=args.top, threshold=args.threshold, index=args.index)
     if args.json:
         print_json(result)

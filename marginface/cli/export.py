@@ -7,6 +7,8 @@ from pathlib import Path
 from marginface.cli.options import (EXPORT_FORMATS, NORMALIZATIONS, EXPORT_PRECISIONS as PRECISION_NAMES, add_json,
                                     add_threads, add_trust_code, apply_threads, print_json)
 from marginface.errors import UserError
+from marginface.io.progress import Working
+from marginface.io.texttable import table, wrap
 
 # deferred: startup time. The deployment stack (torch, onnx, onnxruntime) is imported when a command runs.
 
@@ -123,9 +125,15 @@ def run_export(args) -> int:
     options = QuantOptions(fmt=args.quant_format, activations=args.activations, per_channel=not args.per_tensor,
                            reduce_range=args.reduce_range, calibration=args.calibration,
                            grouped_convs=args.grouped_convs)
-    report = export_model(args.model, args.out, fmt=args.format, int8=int8, calib=args.calib,
-                          opset=args.opset, backbone=args.backbone, quant_options=options if int8 else None,
-                          precision=precision, batch_size=args.batch_size, normalize=args.normalize)
+    # int8 calibration and ahead-of-time compiling take a minute or more and report nothing themselves
+    slow = int8 or args.format == "aoti"
+    what = (f"exporting {args.format}" + (f" ({args.precision}: calibrating on {args.calib} and quantising)" if int8
+                                          else f" ({args.precision}: compiling ahead of time)" if args.format == "aoti"
+                                          else ""))
+    with Working(what, enabled=slow and not args.json):
+        report = export_model(args.model, args.out, fmt=args.format, int8=int8, calib=args.calib,
+                              opset=args.opset, backbone=args.backbone, quant_options=options if int8 else None,
+                              precision=precision, batch_size=args.batch_size, normalize=args.normalize)
     if args.int8:  # said after the work, so an error stays the only stderr line
         print("note: export --int8 is deprecated; use --precision int8", file=sys.stderr)
     if args.json:
@@ -161,17 +169,19 @@ def run_bench(args) -> int:
                 else f"compiled {result['precision']} package, batch {result['compiled_batch']}")
         weights = f", {result['weights']} weights" if result.get("weights") not in (None, "model") else ""
         where = f", on {result['device']}" if "device" in result else f", {result['threads']} threads"
-        print(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB{where}{weights}")
+        lines = wrap(f"{result['model']}: {size}, {result['file_mb']:.2f} MiB{where}{weights}")
         agreement = result.get("min_cosine_vs_first", {})
+        rows = [["runtime", "batch 1 ms", "p90 ms", f"batch {result['batch']['throughput']} img/s", "min cosine"]]
         for name, lat in result["latency_ms"].items():
-            cos = f"   min cosine {agreement[name]:.4f}" if name in agreement else ""
-            print(f"  {name:24s} batch 1: {lat['median']:7.2f} ms (p90 {lat['p90']:.2f})   "
-                  f"batch {result['batch']['throughput']}: {result['throughput_ips'][name]:8.1f} img/s{cos}")
+            rows.append([name, f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{result['throughput_ips'][name]:.1f}",
+                         f"{agreement[name]:.4f}" if name in agreement else ""])
+        if len(rows) > 1:
+            lines += table(rows).splitlines()
         for name, why in result.get("skipped", {}).items():
-            print(f"  {name:24s} skipped: {why}")
+            lines += wrap(f"{name} skipped: {why}")
         if agreement:
-            print(f"  (min cosine: each runtime's embeddings against the first runtime's, {next(iter(agreement))})")
+            lines += wrap(f"(min cosine: each runtime's embeddings against the first runtime's, {next(iter(agreement))})")
         if "precision_auto" in result:
-            for line in choice_lines(result["precision_auto"]):
-                print(f"  {line}")
+            lines += choice_lines(result["precision_auto"])
+        print("\n".join(lines))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from marginface.errors import UserError
+from marginface.io.progress import Working
 from marginface.jsonout import dumps
 
 # deferred: startup time. The helpers that load a model import the library inside the function, so
@@ -105,6 +106,20 @@ def note(message: str) -> None:
 def check_positive(name: str, value) -> None:
     if value is not None and value < 1:
         raise UserError(f"{name} must be >= 1, got {value}")
+
+
+SHOWN_PROBLEMS = 5  # text output lists this many skipped files; --json lists every one
+
+
+def problem_lines(title: str, items: list, shown: int = SHOWN_PROBLEMS) -> list:
+    """Text output's summary of the files a command skipped (collected, reported once at the end):
+    ``title: N`` then the first ``shown`` items indented, and how many more ``--json`` lists."""
+    if not items:
+        return []
+    lines = [f"{title}: {len(items)}"] + [f"  {item}" for item in items[:shown]]
+    if len(items) > shown:
+        lines.append(f"  ... and {len(items) - shown} more (--json lists them all)")
+    return lines
 
 
 def stderr_log(args):
@@ -246,6 +261,9 @@ def embedding_model(args) -> tuple:
         from marginface.deploy.compiled import CompiledEmbedder
 
         model, amp_dtype = CompiledEmbedder(model, args.precision, device=device), None
+        what = ("quantising to int8 (calibrated on the first batch) and compiling the model" if args.precision == "int8"
+                else f"compiling the model ({args.precision})")
+        model.build_progress = lambda: Working(what, enabled=not getattr(args, "json", False))
     else:
         amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
     options = EmbedOptions(flip=not args.no_flip, batch_size=args.batch_size, device=device,

@@ -1,9 +1,12 @@
 """`marginface train`: parse, resolve the run (`marginface.train.rundir`), train or dry-run, print."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 from marginface.cli.options import add_threads, apply_threads, note, print_json
+from marginface.io.progress import phase
 
 # deferred: startup time. The training stack (torch, the trainer) is imported when the command runs.
 
@@ -31,6 +34,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    phase("loading torch and the training code...", enabled=not args.json and not args.dry_run)
     from marginface.train import rundir
 
     apply_threads(args.threads)
@@ -46,13 +50,21 @@ def run(args) -> int:
                           overwrite=args.overwrite, console=not args.json)
         report = trainer.fit()
     except KeyboardInterrupt:
-        last = run_dir / "checkpoints" / "last.pt"
-        info = rundir.peek(last) if last.is_file() else None
-        saved = f"state saved in {last} (step {info['step']})" if info else "no checkpoint was written yet"
-        print(f"interrupted: {saved}; continue with marginface train --out {run_dir} --resume", file=sys.stderr)
+        with _ignoring_sigint():  # a further Ctrl-C must not cut the line saying what was saved
+            last = run_dir / "checkpoints" / "last.pt"
+            info = rundir.peek(last) if last.is_file() else None
+            saved = f"state saved in {last} (step {info['step']})" if info else "no checkpoint was written yet"
+            print(f"interrupted: {saved}; continue with marginface train --out {run_dir} --resume", file=sys.stderr)
         return 130
     if not trainer.dist.is_main:  # under torchrun only rank 0 reports
         return 0
+    if trainer.interrupted:
+        # a Ctrl-C the loop did not see (during the final evaluation's metrics, the report, the plots):
+        # the run finished and everything is written, but the user asked to stop, so say so and exit 130
+        print(f"interrupted after the run finished (step {report['train']['steps']}): checkpoints in "
+              f"{run_dir / 'checkpoints'} (last.pt, best.pt) and {run_dir / 'report.json'} are saved",
+              file=sys.stderr)
+        return 130
     if args.json:
         print_json({"run_dir": str(run_dir), **report})
     else:
@@ -74,3 +86,17 @@ def _dry_run(cfg, run_dir, as_json: bool) -> int:
             if k != "config":
                 print(f"{k}: {v}")
     return 0
+
+
+@contextlib.contextmanager
+def _ignoring_sigint():
+    """SIGINT ignored inside (the main thread only; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -260,10 +260,12 @@ def format_convert_summary(src: str | Path, info: dict[str, Any], max_skipped: i
     return "\n".join(lines)
 
 
-def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tuple[int, int] = 112) -> dict[str, Any]:
+def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tuple[int, int] = 112,
+                 progress: Any = None) -> dict[str, Any]:
     """Detect and align every image under ``src`` into ``dst`` (same relative paths).
 
-    Images with several faces use the largest; those with none are listed and not written.
+    Images with several faces use the largest; those with none, and unreadable files, are listed
+    (all of them) and not written. ``progress(done, total)`` is called after each image.
     """
     src_path, dst_path = Path(src), Path(dst)
     if not src_path.is_dir():
@@ -272,22 +274,28 @@ def align_folder(src: str | Path, dst: str | Path, detector: Any, size: int | tu
     if not files:
         raise UserError(f"{src_path}: no images found")
     report: dict[str, Any] = {"images": len(files), "aligned": 0, "no_face": [], "multiple_faces": [], "unreadable": []}
-    for file in files:
-        rel = file.relative_to(src_path)
-        try:
-            image = read_image(file)
-        except UserError as e:
-            report["unreadable"].append(str(e))
-            continue
-        faces = detector.detect(image)
-        if not faces:
-            report["no_face"].append(str(rel))
-            continue
-        if len(faces) > 1:
-            report["multiple_faces"].append(f"{rel} ({len(faces)} faces, largest used)")
-        crop = align_face(image, faces[0].landmarks, size=size)
-        out = dst_path / rel
-        ensure_dir(out.parent)
-        imwrite_rgb(out, crop)  # UserError naming the file when it cannot be written
-        report["aligned"] += 1
+    for done, file in enumerate(files, 1):
+        _align_one(file, src_path, dst_path, detector, size, report)
+        if progress is not None:
+            progress(done, len(files))
     return report
+
+
+def _align_one(file: Path, src_path: Path, dst_path: Path, detector: Any, size, report: dict) -> None:
+    rel = file.relative_to(src_path)
+    try:
+        image = read_image(file)
+    except UserError as e:
+        report["unreadable"].append(str(e))
+        return
+    faces = detector.detect(image)
+    if not faces:
+        report["no_face"].append(str(rel))
+        return
+    if len(faces) > 1:
+        report["multiple_faces"].append(f"{rel} ({len(faces)} faces, largest used)")
+    crop = align_face(image, faces[0].landmarks, size=size)
+    out = dst_path / rel
+    ensure_dir(out.parent)
+    imwrite_rgb(out, crop)  # UserError naming the file when it cannot be written
+    report["aligned"] += 1

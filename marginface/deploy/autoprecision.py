@@ -36,6 +36,7 @@ from marginface.deploy.compiled import PRECISIONS, CompiledEmbedder
 from marginface.errors import UserError
 from marginface.inference import ModelInfo
 from marginface.io.atomic import atomic_write_json
+from marginface.io.texttable import MAX_WIDTH, table, wrap
 
 log = logging.getLogger(__name__)
 
@@ -98,24 +99,28 @@ class PrecisionChoice:
 
 def choice_lines(choice: dict) -> list[str]:
     """The human-readable table of a choice (`PrecisionChoice.to_dict`, e.g. ``bench``'s
-    ``precision_auto``): every path, its check and time, and which one auto took."""
+    ``precision_auto``): every path, its check and time, and which one auto took (within 100 columns)."""
     speedup = choice.get("speedup_vs_eager")
-    out = [f"precision auto ({'cached' if choice.get('cached') else 'measured'}; CPU {choice['isa']}): "
-           f"{choice['precision']}" + (f", {speedup}x eager fp32 at batch 1" if speedup else "")]
+    out = wrap(f"precision auto ({'cached' if choice.get('cached') else 'measured'}; CPU {choice['isa']}): "
+               f"{choice['precision']}" + (f", {speedup}x eager fp32 at batch 1" if speedup else ""))
+    rows = [["path", "batch 1 ms", "best round", "min cosine", "bound", "check", ""]]
     if choice.get("eager_ms") is not None:
-        out.append(f"  {'eager fp32':16s} batch 1: {choice['eager_ms']:8.2f} ms (best round "
-                   f"{choice.get('eager_best_ms') or float('nan'):.2f})  reference")
+        rows.append(["eager fp32", f"{choice['eager_ms']:.2f}", f"{choice.get('eager_best_ms') or float('nan'):.2f}",
+                     "", "", "reference", ""])
+    skipped = []
     for name, p in choice["paths"].items():
         label = f"compiled {name}"
         if p["status"] == "skipped":
-            out.append(f"  {label:16s} skipped: {p['reason']}")
+            skipped.append(f"{label} skipped: {p['reason']}")
             continue
-        timing = (f"{p['latency_ms']:8.2f} ms (best round {p.get('best_ms') or float('nan'):.2f})"
-                  if p["latency_ms"] is not None else "  not timed")
-        verdict = "ok" if p["status"] == "ok" else "FAILED the bound"
-        mark = "  <- auto" if name == choice["precision"] else ""
-        out.append(f"  {label:16s} batch 1: {timing}  min cosine {p['min_cosine']:.5f} (bound {p['bound']}: "
-                   f"{verdict}){mark}")
+        timed = p["latency_ms"] is not None
+        rows.append([label, f"{p['latency_ms']:.2f}" if timed else "not timed",
+                     f"{p.get('best_ms') or float('nan'):.2f}" if timed else "", f"{p['min_cosine']:.5f}",
+                     str(p["bound"]), "ok" if p["status"] == "ok" else "FAILED the bound",
+                     "<- auto" if name == choice["precision"] else ""])
+    out += ["  " + line for line in table(rows, max_width=MAX_WIDTH - 2, align="lrrrrll").splitlines()]
+    for line in skipped:
+        out += wrap(line, indent="  ")
     return out
 
 

@@ -23,6 +23,7 @@ newest one is unaffected). Build one int8 embedder per process and reuse it, as 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -111,6 +112,10 @@ class CompiledEmbedder(InfoAttributes):
     Its ``info`` is the source model's `ModelInfo` with ``kind="compiled"`` and this precision, so
     the evaluation runner, ``marginface bench`` and the pipeline can use it in place of the model.
     """
+
+    # a context-manager factory wrapped around the first call's quantise + compile (the command line's
+    # progress line, marginface.io.progress.Working); None: nothing is said
+    build_progress = None
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", *, batch_size: Optional[int] = None,
                  calibration: Optional[torch.Tensor] = None, device: Union[str, torch.device] = "cpu"):
@@ -238,7 +243,8 @@ class CompiledEmbedder(InfoAttributes):
         with torch.no_grad():
             if self._compiled is None:
                 try:
-                    self._build(x)
+                    with self.build_progress() if self.build_progress is not None else contextlib.nullcontext():
+                        self._build(x)
                 except UserError:
                     raise
                 except Exception as exc:  # export/quantise/compile failures: one line, not a 200-line trace

@@ -24,7 +24,7 @@ fallback case: when nothing is found, detection is retried on the image padded b
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -231,14 +231,20 @@ class FaceEmbedder:
         return float(np.dot(ea, eb))
 
     # ------------------------------------------------------------------ identity of the model
-    def fingerprint(self) -> tuple[str, np.ndarray]:
+    def fingerprint(self, normalize: Optional[str] = None) -> tuple[str, np.ndarray]:
         """``(hex id, probe embedding)``: the model's unit embedding of a fixed synthetic face.
 
         Two models that embed the same way (a checkpoint and its fp32 export) give nearly the
-        same probe; galleries store it to refuse searches with a different model.
+        same probe; galleries store it to refuse searches with a different model. ``normalize``:
+        the probe as this model would give it with that input normalisation instead of its own
+        (how a gallery tells "only --normalize differs" from "another model").
         """
         probe = cv2.resize(render_image(7, 7, 0), self.input_size[::-1], interpolation=cv2.INTER_AREA)
-        vec = self.embed_crops(probe[None])[0]
+        if normalize is not None and normalize != self.normalize:
+            raw = embed_images(self.model, probe[None], options=replace(self.options, normalize=normalize))
+            vec = l2_normalize(raw.astype(np.float64)).astype(np.float32)[0]
+        else:
+            vec = self.embed_crops(probe[None])[0]
         digest = hashlib.sha256(np.round(vec, 2).astype(np.float32).tobytes()).hexdigest()[:16]
         return digest, vec
 

@@ -69,7 +69,9 @@ def _identity_dirs(folder: Path) -> list[Path]:
 def embed_identities(embedder, folder: Union[str, Path], *, skip_no_face: bool = False, skip=None,
                      progress=None):
     """Yield ``(name, files, embeddings n×D unit, hashes)`` per identity folder of ``folder``, plus
-    the skipped images (no face, when ``skip_no_face``) through ``skipped`` entries of the result.
+    the skipped images through ``skipped`` entries of the result: with ``skip_no_face`` every image
+    that cannot be used (no face, unreadable, not an image) is listed there and the others go on;
+    without it the first such image is the error.
 
     ``skip(name, sha256) -> bool`` leaves images out before they are embedded (already enrolled).
     Returns a generator; its items are dicts with ``name``, ``files``, ``embeddings``, ``sha256``,
@@ -78,16 +80,24 @@ def embed_identities(embedder, folder: Union[str, Path], *, skip_no_face: bool =
     for d in _identity_dirs(Path(folder)):
         files, hashes, crops, skipped, already = [], [], [], [], 0
         for f in list_image_files(d, recursive=False):  # one identity's photos, sorted
-            digest = file_sha256(f)
+            try:
+                digest = file_sha256(f)
+            except OSError as exc:
+                if not skip_no_face:
+                    raise UserError(f"{f}: cannot be read ({exc.strerror or exc})") from None
+                skipped.append({"file": str(f), "reason": f"cannot be read ({exc.strerror or exc})"})
+                continue
             if skip is not None and skip(d.name, digest):
                 already += 1
                 continue
             try:
                 crops.append(embedder.largest_face(f).crop)
             except UserError as exc:
-                if not skip_no_face or "no face" not in str(exc):
+                if not skip_no_face:
                     raise
-                skipped.append({"file": str(f), "reason": "no face found"})
+                reason = str(exc)
+                reason = reason[len(str(f)) + 2:] if reason.startswith(f"{f}: ") else reason
+                skipped.append({"file": str(f), "reason": reason})
                 continue
             files.append(f)
             hashes.append(digest)
@@ -96,6 +106,15 @@ def embed_identities(embedder, folder: Union[str, Path], *, skip_no_face: bool =
             progress(d.name, len(crops))
         yield {"name": d.name, "files": files, "embeddings": emb, "sha256": hashes, "skipped": skipped,
                "already": already}
+
+
+def skipped_summary(skipped: list, shown: int = 3) -> str:
+    """`` (N images skipped: a.jpg: no face found, ... and K more)`` for an error line; "" for none."""
+    if not skipped:
+        return ""
+    first = "; ".join(f"{item['file']}: {item['reason']}" for item in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f" ({len(skipped)} image(s) skipped: {first}{more})"
 
 
 def _model_name(embedder) -> str:
@@ -125,9 +144,10 @@ def enroll(embedder, folder: Union[str, Path], *, progress=None, min_images: int
         vectors.append((centre / (norm if norm > 0 else 1.0)).astype(np.float32))
         counts.append(len(item["files"]))
     if not names:
-        raise UserError(f"{folder}: no identity with a usable face image")
+        raise UserError(f"{folder}: no identity with a usable face image" + skipped_summary(skipped))
     fingerprint, probe = embedder.fingerprint()
-    gallery = Gallery(np.array(names), np.stack(vectors), np.array(counts), fingerprint, probe, _model_name(embedder))
+    gallery = Gallery(np.array(names), np.stack(vectors), np.array(counts), fingerprint, probe, _model_name(embedder),
+                      getattr(embedder, "normalize", "") or "")
     return gallery, {"identities": len(names), "images": int(sum(counts)), "skipped": skipped,
                      "empty_identities": empty}
 
@@ -161,7 +181,7 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
     skip, existing = None, None  # skip: already-enrolled images (set below for an existing gallery)
     if db.is_file() and db.stat().st_size > 0:  # an existing gallery: same model, and what it already holds
         existing = GalleryStore(db)
-        existing.check_model(fingerprint, probe)
+        existing.check_model(fingerprint, probe, embedder=embedder)
         if not replace:
             hashes_of: dict[str, set] = {}
 
@@ -187,14 +207,14 @@ def enroll_store(embedder, folder: Union[str, Path], db: Union[str, Path], *, re
     if existing is not None:
         existing.close()
     if not names and not already:
-        raise UserError(f"{folder}: no identity with a usable face image")
+        raise UserError(f"{folder}: no identity with a usable face image" + skipped_summary(skipped))
     identities = sorted(set(names))
     with GalleryStore(db, create=True) as store:  # created only now: a failed enrolment leaves no empty file
         added = 0
         if names:
             result = store.add(names, np.concatenate(vectors), sources=sources, sha256=hashes,
                                fingerprint=fingerprint, probe=probe, model_name=_model_name(embedder),
-                               replace=replace)
+                               replace=replace, normalize=getattr(embedder, "normalize", "") or "")
             added, already = result["added"], already + result["already_enrolled"]
         return {"identities": len(identities), "images": len(names), "added": added, "already_enrolled": already,
                 "replace": replace, "skipped": skipped, "empty_identities": empty, "db": str(db),
@@ -258,7 +278,7 @@ def identify_folder(known: Union[str, Path, Gallery, GalleryStore], unknown_dir:
     else:
         gallery, where = (known, "gallery") if isinstance(known, (Gallery, GalleryStore)) else \
             (open_gallery(known), str(known))
-        gallery.check_model(*embedder.fingerprint(), where=where)  # enrolled elsewhere: the same model?
+        gallery.check_model(*embedder.fingerprint(), where=where, embedder=embedder)  # enrolled elsewhere: same model?
     rows = []
     for photo in photos:
         try:

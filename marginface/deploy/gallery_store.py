@@ -3,7 +3,8 @@
 Tables (``FORMAT_VERSION`` 1):
 
 - ``meta(key, value)``: ``format`` (``marginface-gallery``), ``format_version``, ``dim``,
-  ``model_fingerprint``, ``model_probe`` (float32 blob), ``model_name``, ``generation``.
+  ``model_fingerprint``, ``model_probe`` (float32 blob), ``model_name``, ``model_normalize`` (the
+  enrolment's input normalisation; absent in galleries written before it was recorded), ``generation``.
 - ``images(id, identity_id, embedding, source, sha256, count, model_fingerprint, created)``: one
   row per enrolled image; ``embedding`` is the image's unit embedding as a float32 blob,
   ``sha256`` the hash of the image file's bytes (of the embedding's bytes when the caller has no
@@ -40,6 +41,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from marginface.data.transforms import NORMALIZATIONS
 from marginface.errors import UserError
 from marginface.evaluate.identification import top_k_cosine  # the one top-k search lives in the lower layer
 from marginface.io.atomic import atomic_write
@@ -57,6 +59,7 @@ class Gallery:
     model_fingerprint: str = ""
     model_probe: Optional[np.ndarray] = None  # D float32
     model_name: str = ""
+    model_normalize: str = ""  # the enrolment's input normalisation ("" = not recorded)
 
     def __post_init__(self) -> None:
         self.names = np.asarray(self.names, dtype=str)
@@ -82,7 +85,7 @@ class Gallery:
         with atomic_write(path) as f:  # temp file, fsync, rename (marginface.io.atomic)
             np.savez(f, format=np.array(FORMAT), names=self.names, embeddings=self.embeddings,
                      counts=self.counts, model_fingerprint=np.array(self.model_fingerprint),
-                     model_name=np.array(self.model_name),
+                     model_name=np.array(self.model_name), model_normalize=np.array(self.model_normalize),
                      model_probe=(self.model_probe if self.model_probe is not None
                                   else np.zeros(0, np.float32)).astype(np.float32))
         return path
@@ -107,7 +110,8 @@ class Gallery:
                 return cls(z["names"], z["embeddings"], z["counts"],
                            str(z["model_fingerprint"]) if "model_fingerprint" in z.files else "",
                            probe if probe.size else None,
-                           str(z["model_name"]) if "model_name" in z.files else "")
+                           str(z["model_name"]) if "model_name" in z.files else "",
+                           str(z["model_normalize"]) if "model_normalize" in z.files else "")
         except UserError:
             raise
         except Exception as exc:
@@ -115,9 +119,11 @@ class Gallery:
             raise UserError(f"{path}: not a readable gallery file ({first})") from None
 
     # ------------------------------------------------------------------ search
-    def check_model(self, fingerprint: str, probe: Optional[np.ndarray], where: str = "gallery") -> None:
-        """UserError unless the search model embeds like the enrolment model."""
-        check_probe(self.dim, self.model_fingerprint, self.model_probe, self.model_name, fingerprint, probe, where)
+    def check_model(self, fingerprint: str, probe: Optional[np.ndarray], where: str = "gallery", *,
+                    embedder=None) -> None:
+        """UserError unless the search model embeds like the enrolment model (``embedder``: see `check_probe`)."""
+        check_probe(self.dim, self.model_fingerprint, self.model_probe, self.model_name, fingerprint, probe, where,
+                    enrolled_normalize=self.model_normalize, embedder=embedder)
 
     def search(self, queries: np.ndarray, top_k: int = 5, *, chunk_size: int = 65536,
                index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -157,18 +163,47 @@ class Gallery:
 
 
 def check_probe(dim: Optional[int], enrolled_fingerprint: str, enrolled_probe: Optional[np.ndarray],
-                enrolled_name: str, fingerprint: str, probe: Optional[np.ndarray], where: str) -> None:
-    """UserError unless a model (``fingerprint``, ``probe``) embeds like the enrolment model."""
+                enrolled_name: str, fingerprint: str, probe: Optional[np.ndarray], where: str, *,
+                enrolled_normalize: str = "", embedder=None) -> None:
+    """UserError unless a model (``fingerprint``, ``probe``) embeds like the enrolment model.
+
+    The error says what differs: the embedding size, only the input normalisation (the same model
+    read with another ``--normalize``: found by embedding the probe face again with the gallery's
+    recorded normalisation, or with each other one, through ``embedder.fingerprint(normalize=)``),
+    or the model (and, when the gallery records it, whether the normalisation differs too)."""
     if probe is not None and dim is not None and len(probe) != dim:
         raise UserError(f"{where}: enrolled with {dim}-d embeddings but the model gives {len(probe)}-d; "
                         f"use the model the gallery was enrolled with")
     if enrolled_probe is None or probe is None or fingerprint == enrolled_fingerprint:
         return
-    cos = float(np.dot(enrolled_probe, probe) /
-                (np.linalg.norm(enrolled_probe) * np.linalg.norm(probe) + 1e-12))
-    if not cos >= PROBE_MIN_COSINE:
-        raise UserError(f"{where}: enrolled with a different model (fingerprint {enrolled_fingerprint}, "
-                        f"{enrolled_name or 'unknown'}); this model's is {fingerprint}")
+    if not _cosine(enrolled_probe, probe) >= PROBE_MIN_COSINE:
+        raise UserError(_mismatch(where, enrolled_fingerprint, enrolled_probe, enrolled_name, enrolled_normalize,
+                                  fingerprint, embedder))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def _mismatch(where: str, enrolled_fingerprint: str, enrolled_probe: np.ndarray, enrolled_name: str,
+              enrolled_normalize: str, fingerprint: str, embedder) -> str:
+    """The one line of `check_probe`'s refusal."""
+    normalize = str(getattr(embedder, "normalize", "") or "")
+    if embedder is not None and normalize:
+        others = ([enrolled_normalize] if enrolled_normalize and enrolled_normalize != normalize
+                  else [n for n in NORMALIZATIONS if n != normalize and not enrolled_normalize])
+        for other in others:
+            _, again = embedder.fingerprint(normalize=other)
+            if _cosine(enrolled_probe, again) >= PROBE_MIN_COSINE:
+                return (f"{where}: enrolled with this model but with input normalisation {other!r}, and it is "
+                        f"now read with {normalize!r}, so its embeddings differ; pass --normalize {other} "
+                        f"(or enroll again)")
+    enrolled = f"fingerprint {enrolled_fingerprint}, {enrolled_name or 'unknown'}"
+    if enrolled_normalize and normalize and enrolled_normalize != normalize:
+        return (f"{where}: enrolled with a different model ({enrolled}) and a different input normalisation "
+                f"({enrolled_normalize!r}; this model uses {normalize!r}); this model's fingerprint is {fingerprint}")
+    same = f"; both normalise the input with {normalize!r}" if normalize and enrolled_normalize == normalize else ""
+    return f"{where}: enrolled with a different model ({enrolled}); this model's is {fingerprint}{same}"
 
 
 def _faiss():
@@ -362,7 +397,7 @@ class GalleryStore:
         probe = rows.get("model_probe")
         return {"format": rows.get("format"), "format_version": rows.get("format_version"),
                 "dim": rows.get("dim"), "model_fingerprint": rows.get("model_fingerprint") or "",
-                "model_name": rows.get("model_name") or "",
+                "model_name": rows.get("model_name") or "", "model_normalize": rows.get("model_normalize") or "",
                 "model_probe": np.frombuffer(probe, np.float32).copy() if probe else None,
                 "generation": int(rows.get("generation") or 0)}
 
@@ -382,11 +417,14 @@ class GalleryStore:
     def __len__(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
 
-    def check_model(self, fingerprint: str, probe: Optional[np.ndarray], where: Optional[str] = None) -> None:
-        """UserError unless the model (``fingerprint``, ``probe``) embeds like the enrolment model."""
+    def check_model(self, fingerprint: str, probe: Optional[np.ndarray], where: Optional[str] = None, *,
+                    embedder=None) -> None:
+        """UserError unless the model (``fingerprint``, ``probe``) embeds like the enrolment model
+        (``embedder``: the `FaceEmbedder` behind them, so a mismatch can say whether only the
+        normalisation differs; see `check_probe`)."""
         m = self.meta()
         check_probe(m["dim"], m["model_fingerprint"], m["model_probe"], m["model_name"], fingerprint, probe,
-                    where or str(self.path))
+                    where or str(self.path), enrolled_normalize=m["model_normalize"], embedder=embedder)
 
     # ------------------------------------------------------------------ listing
     def list(self) -> list[dict]:
@@ -407,14 +445,14 @@ class GalleryStore:
     def add(self, names: Sequence[str], embeddings: np.ndarray, *, sources: Optional[Sequence[Optional[str]]] = None,
             sha256: Optional[Sequence[Optional[str]]] = None, counts: Optional[Sequence[int]] = None,
             fingerprint: str = "", probe: Optional[np.ndarray] = None, model_name: str = "",
-            replace: bool = False) -> dict:
+            replace: bool = False, normalize: str = "") -> dict:
         """Add image rows (``names[i]``, ``embeddings[i]``) in one transaction.
 
         ``embeddings`` are unit vectors (they are renormalised; non-finite or zero rows are
         refused). ``sha256`` (per row, default: the hash of the embedding's bytes) makes a repeat
         of an (identity, image) pair a no-op. ``replace=True`` first deletes every row of the
         identities named. The model (``fingerprint``, ``probe``) must match the gallery's; the
-        first write records it. Returns ``{"added", "already_enrolled", "identities", "generation"}``.
+        first write records it (with ``normalize``, the model's input normalisation). Returns ``{"added", "already_enrolled", "identities", "generation"}``.
         """
         names = [str(n) for n in names]
         emb = np.asarray(embeddings, dtype=np.float64)
@@ -467,10 +505,11 @@ class GalleryStore:
                                 f"use the model the gallery was enrolled with")
             if m["model_probe"] is not None or m["model_fingerprint"]:
                 check_probe(m["dim"], m["model_fingerprint"], m["model_probe"], m["model_name"], fingerprint,
-                            probe, str(self.path))
+                            probe, str(self.path), enrolled_normalize=m["model_normalize"])
             else:
                 c.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                               [("dim", dim), ("model_fingerprint", fingerprint), ("model_name", model_name),
+                               ("model_normalize", normalize or None),
                                ("model_probe", probe.astype(np.float32).tobytes() if probe is not None else None)])
             if m["dim"] is None:  # a gallery enrolled without a model (library callers)
                 c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dim', ?)", (dim,))
@@ -567,7 +606,8 @@ class GalleryStore:
                 vecs[len(names) : len(names) + len(n)] = v
                 counts[len(names) : len(names) + len(n)] = k
                 names += n
-        g = Gallery(np.array(names, dtype=str), vecs, counts, m["model_fingerprint"], m["model_probe"], m["model_name"])
+        g = Gallery(np.array(names, dtype=str), vecs, counts, m["model_fingerprint"], m["model_probe"], m["model_name"],
+                    m["model_normalize"])
         g.generation = m["generation"]
         return g
 
@@ -653,6 +693,6 @@ def convert_npz(src: Union[str, Path], dst: Union[str, Path]) -> dict:
     with GalleryStore(dst, create=True) as store:
         report = store.add(list(g.names), g.embeddings, sources=[f"{Path(src).name}#{n}" for n in g.names],
                            counts=np.maximum(g.counts, 1), fingerprint=g.model_fingerprint, probe=g.model_probe,
-                           model_name=g.model_name)
+                           model_name=g.model_name, normalize=g.model_normalize)
     return {"source": str(src), "db": str(dst), "identities": len(g), "images": int(np.maximum(g.counts, 1).sum()),
             "generation": report["generation"]}

@@ -32,15 +32,19 @@ def _label(image, default: str) -> str:
     return str(image) if isinstance(image, (str, Path)) else default
 
 
-def verify_pair_list(embedder, csv_path: Union[str, Path], *, nfolds: int = 10) -> dict:
+def verify_pair_list(embedder, csv_path: Union[str, Path], *, nfolds: int = 10, progress=None) -> dict:
     """Score every pair of a pairs CSV (``file_x,file_y`` [+ ``Decision``/``same``], paths
-    relative to the CSV). ``eval`` holds `verification_metrics` when the CSV is labelled."""
+    relative to the CSV). ``eval`` holds `verification_metrics` when the CSV is labelled.
+    ``progress(done, total)``: after each distinct photo's face is found."""
     pairs = read_pair_list_csv(csv_path)
     for p in pairs.paths_a + pairs.paths_b:
         if not p.is_file():
             raise UserError(f"{csv_path}: image {p} does not exist")
     n = len(pairs)
-    emb = embedder.embed_many(pairs.paths_a + pairs.paths_b)
+    photos = pairs.paths_a + pairs.paths_b
+    distinct = len({str(Path(p).resolve()) for p in photos})
+    emb = (embedder.embed_many(photos) if progress is None
+           else embedder.embed_many(photos, progress=lambda done: progress(done, distinct)))
     scores = np.einsum("kd,kd->k", emb[:n], emb[n:]).astype(np.float64)
     root = Path(csv_path).parent
     rows = []

@@ -27,6 +27,7 @@ from marginface.evaluate.plots import plot_roc, plot_score_histograms
 from marginface.evaluate.runner import evaluate_pair_set
 from marginface.inference import EmbedOptions, ModelInfo
 from marginface.io.atomic import atomic_write_text, ensure_dir
+from marginface.io.texttable import MAX_WIDTH, table
 from marginface.jsonout import json_safe  # one implementation; re-exported here
 
 Curves = dict  # set name -> (scores, issame)
@@ -239,10 +240,14 @@ def format_table(results: dict, columns: Optional[list] = None) -> str:
             v = m.get("tar_at_far", {}).get(c.split("@")[1]) if c.startswith("tar@") else m.get(c)
             row.append("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    if len(table(rows, max_width=1 << 30).splitlines()[0]) > MAX_WIDTH:  # too wide: short headers first,
+        rows[0] = [_SHORT_HEADERS.get(c, c) for c in rows[0]]  # then blocks, each starting with the set names
+    return table(rows)
+
+
+# the console table's headers when the full names make it wider than MAX_WIDTH columns
+_SHORT_HEADERS = {"accuracy": "acc", "accuracy_std": "acc_std", "accuracy_noflip": "acc_noflip",
+                  "accuracy_same": "acc_same", "accuracy_diff": "acc_diff", "threshold": "thresh"}
 
 
 def format_results_table(results: Mapping) -> str:
@@ -377,7 +382,8 @@ def format_comparison(comparison: Mapping) -> str:
             diff = v["diff"]
             rows.append([name, metric, _fmt(v["a"]), _fmt(v["b"]),
                          "-" if diff is None else (f"{diff:+.4f}" if isinstance(diff, float) else f"{diff:+d}")])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    legend = []
+    if len(rows[0][2]) + len(rows[0][3]) > 40:  # long run paths: A and B in the header, named above the table
+        legend = [f"A: {comparison['a']}", f"B: {comparison['b']}"]
+        rows[0][2:4] = ["A", "B"]
+    return "\n".join(legend + [table(rows, keep=2)])

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 from marginface.errors import UserError
 from marginface.evaluate.report import format_table  # noqa: F401  (the trainer's console table; lives with the report)
 from marginface.io.atomic import atomic_write_text
+from marginface.io.progress import Progress, format_duration, phase
 
 LOGGERS = MappingProxyType({
     "tensorboard": "TensorBoard event files in RUN/tensorboard",
@@ -67,12 +68,7 @@ def start_wandb(run_dir: Path, project: str = "", name: str = "", config: Option
         raise UserError(f"config key 'train.loggers': wandb could not start ({first}); run `wandb login`, or set "
                         "WANDB_MODE=offline to log on this machine only") from None
 
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+_fmt_eta = format_duration  # the old name
 
 
 class RunLogger:
@@ -86,18 +82,33 @@ class RunLogger:
         self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
         self._tb = None
         if tensorboard:
+            phase("starting the TensorBoard log...", enabled=console)  # its import takes seconds
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is a dependency, but a stripped install still trains
                 print("warning: tensorboard is not installed; no event file will be written", file=sys.stderr)
+        # on a terminal: one line redrawn at every step (`tick`), with a smoothed ETA from the third step
+        # on; elsewhere (a pipe, a log file) the plain lines of `progress`, every train.log_every steps
         self._bar = None
-        if console and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._terminal = console and sys.stderr.isatty()
+        if self._terminal:
+            self._bar = Progress("train", total_steps, unit="steps", initial=start_step, tty=True)
         self._last_step = start_step
+
+    def tick(self, step: int) -> None:
+        """Called after every training step: moves the terminal bar (the logged numbers come with `progress`)."""
+        if self._bar is not None:
+            self._bar.set(step)
+            if step >= self.total_steps:
+                self.end_progress()
+
+    def end_progress(self) -> None:
+        """Finish the terminal bar (drawn once, in its final state) before the evaluation and the final table."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def record(self, kind: str, step: int, values: dict) -> None:
         """Append one JSON line ``{"kind", "step", "time", **values}``."""
@@ -117,9 +128,10 @@ class RunLogger:
     def progress(self, step: int, loss: float, lr: float, ips: float, eta_s: float, extra: str = "") -> None:
         if not self.console:
             return
-        if self._bar is not None:
-            self._bar.update(step - self._last_step)
-            self._bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.4g} {ips:.0f} img/s{extra}")
+        if self._terminal:  # the bar (finished at the last step: nothing more to draw)
+            if self._bar is not None:
+                self._bar.postfix = f"loss {loss:.3f}  lr {lr:.4g}  {ips:.0f} img/s{extra}"
+                self.tick(step)
         else:
             print(f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s  "
                   f"eta {_fmt_eta(eta_s)}{extra}", file=sys.stderr, flush=True)
@@ -129,7 +141,7 @@ class RunLogger:
         if not self.console:
             return
         if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
+            self._bar.write(text)
         else:
             print(text, file=sys.stderr, flush=True)
 

@@ -26,6 +26,7 @@ from marginface.evaluate.report import load_report, write_report
 from marginface.evaluate.runner import EvaluationStopped, evaluate_pair_set
 from marginface.heads.partial_fc import classifier_memory, describe_memory
 from marginface.io.atomic import atomic_write_json, atomic_write_text, ensure_dir
+from marginface.io.progress import phase
 from marginface.models import count_parameters
 from marginface.models.layers import set_fast_layers
 from marginface.train import distributed, rundir, setup
@@ -113,6 +114,22 @@ def metric_value(results: dict, spec: str) -> float:
     return float(value)
 
 
+def describe_data(data, size: int) -> str:
+    """What building ``data.train`` is about to do (the start-up line before it)."""
+    if data.train == "synthetic":
+        s = data.synthetic
+        return (f"rendering {s.identities * s.images_per_identity} synthetic images of {s.identities} identities "
+                f"at {size}px")
+    return f"opening {data.train}"
+
+
+def describe_val(data) -> str:
+    """The validation sets about to be built or read (the start-up line before them)."""
+    s = data.synthetic
+    return ", ".join(f"synthetic ({s.val_pairs} pairs over {s.val_identities} held-out identities)"
+                     if spec == "synthetic" else str(spec) for spec in data.val)
+
+
 class Trainer:
     """Trains ``cfg`` into ``run_dir``; ``fit()`` returns the report (also written to report.json)."""
 
@@ -146,9 +163,14 @@ class Trainer:
             # algorithms once pays off; a deterministic run keeps cuDNN's deterministic choice
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         size = cfg.model.input_size
+        say = lambda text: phase(text, enabled=console and self.dist.is_main)  # noqa: E731  (start-up lines)
+        say(f"building data: {describe_data(cfg.data, size)}...")
         self.source = setup.build_train_source(cfg.data, size)
+        if cfg.data.val:
+            say(f"building validation sets: {describe_val(cfg.data)}...")
         self.val_sets = setup.build_val_sets(cfg.data, size)
         self.best_metric = check_best_metric(cfg.eval.best_metric, self.val_sets)  # now, not at the first eval
+        say(f"building the model: {cfg.model.backbone}...")
         self.backbone = setup.build_model(cfg.model).to(self.device)
         if not cfg.train.fast_layers:  # back to the stock nn.PReLU / nn.Conv2d (see marginface.models.layers)
             set_fast_layers(self.backbone, False)
@@ -515,6 +537,11 @@ class Trainer:
     def _better(value: float, than: float, spec: str) -> bool:
         return value < than if spec.split("/", 1)[1] in LOWER_IS_BETTER else value > than
 
+    @property
+    def interrupted(self) -> bool:
+        """A stop signal (Ctrl-C, SIGTERM) arrived during this `fit`, also one too late to stop anything."""
+        return self._stop_signal is not None
+
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
             # a second signal (a second Ctrl-C): leave at once. A checkpoint being written is abandoned
@@ -676,6 +703,7 @@ class Trainer:
                 log.scalars(self.step, values, prefix="train/")
                 log.progress(self.step, loss, lr, ips, eta, extra=f"  epoch {epoch}/{self.total_epochs}")
                 t_log, step_log = now, self.step
+            log.tick(self.step)  # the terminal bar moves every step (its ETA from the third on)
             if self.step % self.steps_per_epoch == 0:
                 self._report_bad_images(self.step // self.steps_per_epoch)
             stop = False
@@ -711,6 +739,7 @@ class Trainer:
             self.logger.record("bad_images", self.step, {"epoch": epoch, "count": count})
 
     def _finish(self) -> dict:
+        self.logger.end_progress()  # the bar is finished before the final evaluation and table, drawn once
         if self._already_finished():
             # `--resume` on a finished run: the reports stay as they are (a later `marginface eval
             # --model RUN` may have added sets to them)

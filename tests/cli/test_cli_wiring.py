@@ -72,7 +72,7 @@ def test_choices_are_the_registries():
     assert list(option("export", "--format").choices) == list(FORMATS) and "insightface-pth" in FORMATS
     from marginface.deploy.export import EXPORT_PRECISIONS
 
-    assert list(option("export", "--precision").choices) == list(EXPORT_PRECISIONS) == list(PRECISIONS) + ["auto"]
+    assert list(option("export", "--precision").choices) == list(EXPORT_PRECISIONS) == list(PRECISIONS) + ["fp16", "auto"]
     assert list(option("eval", "--precision").choices) == list(PRECISIONS)
     for path in ("verify", "data align", "gallery search", "faces", "identify-folder", "serve"):
         assert list(option(path, "--detector").choices) == list(DETECTORS), path
@@ -223,9 +223,11 @@ def test_bench_text_names_the_weights_and_shows_the_parity_cosines(capsys):
                      "--runs", "3", "--threads", "1")
     assert rc == 0
     assert "trained-looking weights" in out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert "min cosine 1.0000" in lines["torch"]  # the first runtime against itself
-    assert "min cosine 0.99" in lines["onnxruntime"] or "min cosine 1.0000" in lines["onnxruntime"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["runtime"] == ["runtime", "batch", "1", "ms", "p90", "ms", "batch", "32", "img/s", "min", "cosine"]
+    assert rows["torch"][-1] == "1.0000"  # the first runtime against itself
+    assert rows["onnxruntime"][-1].startswith("0.99") or rows["onnxruntime"][-1] == "1.0000"
+    assert max(map(len, out.splitlines())) <= 100
     rc, out, _ = run(capsys, "bench", "--backbone", "mbf", "--input-size", "32", "--runtimes", "torch",
                      "--runs", "3", "--weights", "fresh", "--json")
     assert rc == 0 and json.loads(out)["weights"] == "fresh"

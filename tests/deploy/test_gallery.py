@@ -169,11 +169,12 @@ def test_gallery_cli_enroll_and_search(johns_split, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert len(result["matches"]) == 3 and result["matches"][0]["identity"] == name
     assert set(result["matches"][0]) >= {"identity", "similarity", "images"}
-    # the same gallery searched with another preprocessing = another model: refused, exit 2
+    # the same gallery searched with another preprocessing: refused, exit 2, naming the normalisation
     wrong = [a if a != "imagenet" else "arcface" for a in args]
     assert main(["gallery", "search", str(probe), "--db", str(db), *wrong, "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "different model" in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and "input normalisation 'imagenet'" in err[0]
+    assert "pass --normalize imagenet" in err[0]
     assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "none.sqlite"), *args]) == 2
     assert "not found" in capsys.readouterr().err
     # a legacy .npz gallery (the in-memory enrolment saved) is still searchable
@@ -185,3 +186,41 @@ def test_gallery_cli_enroll_and_search(johns_split, tmp_path, capsys):
     assert main(["gallery", "search", str(probe), "--db", str(tmp_path / "g.npz"), "--top", "1", *args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["matches"][0]["identity"] == name
     snapshot.check_model(*fe.fingerprint())
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+def test_a_gallery_says_when_only_the_normalisation_differs(tmp_path):
+    """Enrolled with --normalize imagenet, searched with the same model read without it (arcface): the
+    refusal names the normalisation, recorded in the gallery or not; another model is still 'a different
+    model', and the line says whether its normalisation differs too."""
+    from marginface.deploy.embedder import FaceEmbedder
+    from marginface.deploy.gallery_store import GalleryStore
+    from marginface.deploy.load import random_backbone
+
+    model = need(FOREIGN)
+    enrolled = FaceEmbedder(model, normalize="imagenet", threads=1)
+    searching = FaceEmbedder(model, threads=1)  # a foreign ONNX without --normalize: arcface
+    assert searching.normalize == "arcface"
+    fingerprint, probe = enrolled.fingerprint()
+    row = probe[None]
+    for recorded in ("imagenet", ""):  # "": a gallery written before the normalisation was recorded
+        db = tmp_path / f"g{recorded}.sqlite"
+        with GalleryStore(db, create=True) as store:
+            store.add(["a"], row, fingerprint=fingerprint, probe=probe, normalize=recorded)
+            store.check_model(fingerprint, probe, embedder=enrolled)  # the same model and normalisation: fine
+            with pytest.raises(UserError) as info:
+                store.check_model(*searching.fingerprint(), embedder=searching)
+        message = str(info.value)
+        assert message.startswith(f"{db}: enrolled with this model but with input normalisation 'imagenet'")
+        assert "read with 'arcface'" in message and "pass --normalize imagenet" in message
+    other = FaceEmbedder(random_backbone("mbf", embedding_size=128, width_mult=0.5), threads=1)  # arcface
+    with GalleryStore(tmp_path / "gimagenet.sqlite") as store:
+        with pytest.raises(UserError, match=r"a different model \(fingerprint .*\) and a different input "
+                                            r"normalisation \('imagenet'; this model uses 'arcface'\)"):
+            store.check_model(*other.fingerprint(), embedder=other)
+    gallery = Gallery.load(tmp_path / "gimagenet.sqlite")  # a snapshot keeps it, and so does an .npz
+    assert gallery.model_normalize == "imagenet"
+    gallery.save(tmp_path / "g.npz")
+    assert Gallery.load(tmp_path / "g.npz").model_normalize == "imagenet"
+    with pytest.raises(UserError, match="pass --normalize imagenet"):
+        Gallery.load(tmp_path / "g.npz").check_model(*searching.fingerprint(), embedder=searching)

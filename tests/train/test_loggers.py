@@ -1,5 +1,7 @@
 """RunLogger: one record per call in log.jsonl, console lines without a terminal, clean close."""
+import io
 import json
+import sys
 
 import pytest
 
@@ -101,3 +103,32 @@ def test_wandb_offline_logs_the_run_and_a_resume_continues_the_same_wandb_run(tm
     assert len(sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one per session, same id
     steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_terminal_bar_moves_every_step_and_is_drawn_once_before_the_final_table(tmp_path, monkeypatch, capsys):
+    """The bar has an ETA after 3 steps (not after train.log_every), and its final state is drawn once,
+    before the final table (the trainer calls end_progress), never again after it."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    log = RunLogger(tmp_path, total_steps=40, console=True, tensorboard=False)
+    log._bar.redraw_s = 0
+    for step in range(1, 41):
+        log.tick(step)
+        if step == 3:
+            assert "eta " in term.getvalue().split("\r")[-1]
+        if step % 20 == 0:
+            log.progress(step, 1.5, 0.1, 100.0, 0.0)
+        if step == 20:
+            log.message("eval @ step 20: ...")
+    log.end_progress()
+    print("the final table")
+    log.message("report: ...")
+    log.close()
+    shown = [line.split("\r")[-1].replace("\x1b[K", "") for line in term.getvalue().split("\n") if line]
+    assert shown == ["eval @ step 20: ...", shown[1], "report: ..."]
+    assert shown[1].startswith("train: 40/40 steps [####################] 100%") and "loss 1.500" in shown[1]
+    assert "step 20/40" not in term.getvalue()  # on a terminal the plain log lines are replaced by the bar
+    assert capsys.readouterr().out == "the final table\n"
