@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import re
@@ -139,24 +140,28 @@ def export(model: torch.nn.Module, out: Path, *, precision: str, calib_images: O
 # ---------------------------------------------------------------------------------------------- runtime
 @contextlib.contextmanager
 def _native_stderr() -> Iterator[list]:
-    """Capture what the C++ runtime writes to file descriptor 2 while the block runs; the lines
-    land in the yielded list. Lines that are not the runtime's log lines are written back."""
+    """Capture what the runtime logs while the block runs, into the yielded list of lines: its C
+    code writes to file descriptor 2, and the bindings send C++ stream output to ``sys.stderr``.
+    Lines that are not the runtime's log lines are written back to ``sys.stderr``."""
     lines: list[str] = []
+    python_side = io.StringIO()
     sys.stderr.flush()
     try:
         saved = os.dup(2)
-    except OSError:  # no stderr to redirect (a daemon): let the runtime write where it writes
-        yield lines
-        return
+    except OSError:  # no file descriptor 2 (a daemon): capture the Python side only
+        saved = None
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+        if saved is not None:
+            os.dup2(sink.fileno(), 2)
         try:
-            yield lines
+            with contextlib.redirect_stderr(python_side):
+                yield lines
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
             sink.seek(0)
-            text = sink.read().decode("utf-8", "replace")
+            text = sink.read().decode("utf-8", "replace") + python_side.getvalue()
             lines.extend(line for line in text.splitlines() if line.strip())
             other = [line for line in lines if not _LOG_LINE.match(line)]
             if other:
