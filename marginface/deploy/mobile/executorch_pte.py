@@ -49,7 +49,11 @@ from marginface.models.layers import set_fast_layers
 try:  # the compiled bindings alone; see the module docstring
     from executorch.extension.pybindings import _C as _bindings
 except ImportError:  # a release that renamed it: the public module re-exports the same names
-    from executorch.extension.pybindings import portable_lib as _bindings
+    try:
+        from executorch.extension.pybindings import portable_lib as _bindings
+    except ImportError as exc:  # e.g. bindings built for another torch (undefined symbols)
+        raise UserError(f"ExecuTorch's runtime does not load ({str(exc).splitlines()[0][:200]}); "
+                        f"pip install 'marginface[executorch]' (executorch 1.5.x for torch 2.13)") from None
 
 METHOD = "forward"
 CALIBRATION_CHUNK = 32  # images per calibration call (histogram observers are per call, not per image)
