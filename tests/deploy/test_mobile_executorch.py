@@ -4,8 +4,8 @@ aligned faces, int8 same-pair cosines against fp32, the CLI round trip, the thre
 `error:` line for a truncated, empty or foreign `.pte`.
 
 Two exports of a trained-looking ``mbf`` (one fp32, one int8) are shared by the module; lowering is
-pure-Python graph work (30 s fp32, 42 s int8 on the 2-core VM at load ~6; about 3 minutes for the
-whole file at load 10-14)."""
+pure-Python graph work: the file takes ~70 s on the 2-core VM when it is quiet (the two exports
+63 s), about 3 minutes at load 10-14."""
 from __future__ import annotations
 
 import contextlib
