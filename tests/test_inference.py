@@ -39,7 +39,7 @@ def test_model_info_rejects_bad_values():
     with pytest.raises(UserError, match="threshold"):
         ModelInfo(threshold="high")
     with pytest.raises(UserError, match="model kind"):
-        ModelInfo(kind="tflite")
+        ModelInfo(kind="coreml")
     with pytest.raises(UserError, match="precision"):
         ModelInfo(precision="int4")
     assert as_hw(None) is None

@@ -241,12 +241,12 @@ def format_table(results: dict, columns: Optional[list] = None) -> str:
             row.append("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
         rows.append(row)
     if len(table(rows, max_width=1 << 30).splitlines()[0]) > MAX_WIDTH:  # too wide: short headers first,
-        rows[0] = [_SHORT_HEADERS.get(c, c) for c in rows[0]]  # then blocks, each starting with the set names
+        rows[0] = [SHORT_HEADERS.get(c, c) for c in rows[0]]  # then blocks, each starting with the set names
     return table(rows)
 
 
 # the console table's headers when the full names make it wider than MAX_WIDTH columns
-_SHORT_HEADERS = {"accuracy": "acc", "accuracy_std": "acc_std", "accuracy_noflip": "acc_noflip",
+SHORT_HEADERS = {"accuracy": "acc", "accuracy_std": "acc_std", "accuracy_noflip": "acc_noflip",
                   "accuracy_same": "acc_same", "accuracy_diff": "acc_diff", "threshold": "thresh"}
 
 

@@ -113,6 +113,7 @@ def test_terminal_bar_moves_every_step_and_is_drawn_once_before_the_final_table(
     before the final table (the trainer calls end_progress), never again after it."""
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setenv("COLUMNS", "200")  # the bar is cut at the terminal's width
     log = RunLogger(tmp_path, total_steps=40, console=True, tensorboard=False)
     log._bar.redraw_s = 0
     for step in range(1, 41):
