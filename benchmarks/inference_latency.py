@@ -4,7 +4,9 @@ Plain eager fp32 PyTorch is compared, in the same process and on the same input,
 optimised paths: TorchScript traced + frozen, ``torch.jit.optimize_for_inference``, channels_last,
 bf16 autocast + channels_last, PyTorch FX int8 (x86), ONNX Runtime fp32 (all graph optimisations
 and basic only), and static int8 in ONNX Runtime with QDQ / QOperator, U8S8 / S8S8, per-channel /
-per-tensor and reduce_range, plus dynamic int8. Uses the same code as ``marginface bench``
+per-tensor and reduce_range, plus dynamic int8; with the mobile extras installed (docs/mobile.md) also
+the phone/edge runtimes ``executorch[-int8]``, ``tflite[-int8]``, ``ncnn[-fp16]``,
+``openvino[-fp16|-int8]``, each running the file it exported. Uses the same code as ``marginface bench``
 (``marginface.deploy.bench``); ``min_cosine_vs_first`` shows whether a fast path still computes
 the same embeddings as eager PyTorch.
 
