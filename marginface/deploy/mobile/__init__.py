@@ -167,6 +167,11 @@ class RuntimeEmbedder(InfoAttributes, abc.ABC):
         return f"{type(self).__name__}({self.path}, {self.info.precision})"
 
 
+def export_hw(metadata: dict, model: torch.nn.Module) -> tuple[int, int]:
+    """The ``(H, W)`` an exporter traces at: the metadata's ``input_size``, else the model's (112 by default)."""
+    return as_hw(metadata.get("input_size")) or as_hw(getattr(model, "input_size", None)) or (112, 112)
+
+
 def check_companions_free(out: Union[str, Path]) -> None:
     """Refuse an export whose companion file belongs to another model beside it: NCNN's ``m.param``
     and OpenVINO's ``m.xml`` both keep their weights in ``m.bin``, and writing one must not break

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from marginface.deploy.mobile import RuntimeEmbedder, check_companions_free
+from marginface.deploy.mobile import RuntimeEmbedder, check_companions_free, export_hw
 from marginface.deploy.modelfile import atomic_path
 from marginface.errors import UserError
 
@@ -38,15 +38,6 @@ PARAM_MAGIC = "7767517"  # first line of every NCNN .param text file
 # the 4-byte tag before a weight blob in a .bin (ncnn's ModelBinFromDataReader)
 STORAGE_TAGS = {0x00000000: "fp32", 0x01306B47: "fp16", 0x000D4B38: "int8"}
 PNNX_TIMEOUT_S = 1800
-
-
-def _hw(metadata: dict, model: torch.nn.Module) -> tuple[int, int]:
-    size = metadata.get("input_size")
-    if size:
-        h, w = (int(v) for v in str(size).split(","))
-        return h, w
-    side = getattr(model, "input_size", 112)
-    return (side, side) if isinstance(side, int) else tuple(side)
 
 
 def _check_suffix(out: Path) -> None:
@@ -66,7 +57,7 @@ def export(model: torch.nn.Module, out: Path, *, precision: str, calib_images: O
     check_companions_free(out)
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--format ncnn takes --precision fp32 or fp16, got {precision}")
-    h, w = _hw(metadata, model)
+    h, w = export_hw(metadata, model)
     example = torch.zeros(1, 3, h, w)
     with tempfile.TemporaryDirectory(prefix="marginface-ncnn-") as work:
         work_dir = Path(work)

@@ -29,20 +29,11 @@ import numpy as np
 import torch
 
 from marginface.data.transforms import to_tensor
-from marginface.deploy.mobile import RuntimeEmbedder, check_companions_free
+from marginface.deploy.mobile import RuntimeEmbedder, check_companions_free, export_hw
 from marginface.deploy.modelfile import atomic_path
 from marginface.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _hw(metadata: dict, model: torch.nn.Module) -> tuple[int, int]:
-    size = metadata.get("input_size")
-    if size:
-        h, w = (int(v) for v in str(size).split(","))
-        return h, w
-    side = getattr(model, "input_size", 112)
-    return (side, side) if isinstance(side, int) else tuple(side)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -78,7 +69,7 @@ def _convert(model: Union[torch.nn.Module, Path], metadata: dict):
     import openvino as ov  # deferred: optional extra (marginface[openvino])
 
     if isinstance(model, torch.nn.Module):
-        h, w = _hw(metadata, model)
+        h, w = export_hw(metadata, model)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings
             return ov.convert_model(model.eval(), example_input=torch.zeros(1, 3, h, w),
