@@ -119,7 +119,7 @@ def test_devkit_lists_and_noise_formats(tmp_path):
 
 
 def test_report_writes_json_and_a_cmc_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the CMC plot needs matplotlib: pip install 'marginface[plots]'")
     r = megaface_metrics(PROBES, IDS, DISTRACTORS, sizes=[1, 3], max_rank=3, far_targets=[])
     written = write_megaface_report(tmp_path, r)
     assert json.loads(Path(written["json"]).read_text())["rank_1"] == {"1": 0.5, "3": 0.0}

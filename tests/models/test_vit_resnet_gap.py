@@ -176,7 +176,7 @@ def test_train_dry_run_builds_them(backbone, tmp_path, capsys):
 
 
 def test_vit_exports_to_onnx_opset_13_and_matches_eager(tmp_path):
-    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime", reason="the ONNX export check needs onnxruntime: pip install 'marginface[onnx]'")
     from marginface.deploy.export import export_onnx
     from marginface.deploy.load import load_model
 
