@@ -21,7 +21,7 @@ pytest.importorskip("executorch", reason="ExecuTorch is not installed: pip insta
 from marginface.cli import main  # noqa: E402
 from marginface.data.transforms import to_tensor  # noqa: E402
 from marginface.data.verification import load_bin  # noqa: E402
-from marginface.deploy.export import parity_images  # noqa: E402
+from marginface.deploy.export import compare_embeddings, parity_images  # noqa: E402
 from marginface.deploy.load import load_model, random_backbone, trained_looking  # noqa: E402
 from marginface.deploy.mobile import executorch_pte  # noqa: E402
 from marginface.errors import UserError  # noqa: E402
@@ -29,12 +29,8 @@ from marginface.errors import UserError  # noqa: E402
 from shared_data import need  # noqa: E402  (tests/shared_data.py)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def _same_pair_mean(embeddings: np.ndarray, pairs: np.ndarray) -> float:
-    return float(_cosines(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]).mean())
+    return compare_embeddings(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]])["mean_cosine"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,7 @@ def test_fp32_export_report_parity_and_sidecar(exported):
     with torch.no_grad():
         reference = model(x).numpy()
     got = emb(x).numpy()  # 5 images through a batch-1 program
-    assert got.shape == (5, 512) and _cosines(reference, got).min() >= 0.9999
+    assert got.shape == (5, 512) and compare_embeddings(reference, got)["min_cosine"] >= 0.9999
 
 
 def test_fp32_parity_on_real_aligned_lfw_faces(exported):
@@ -90,7 +86,7 @@ def test_fp32_parity_on_real_aligned_lfw_faces(exported):
     with torch.no_grad():
         reference = model(x).numpy()
     got = load_model(out, threads=2)(x).numpy()
-    assert _cosines(reference, got).min() >= 0.9999
+    assert compare_embeddings(reference, got)["min_cosine"] >= 0.9999
 
 
 def test_int8_same_pair_cosine_close_to_fp32_and_small(exported):
@@ -106,7 +102,7 @@ def test_int8_same_pair_cosine_close_to_fp32_and_small(exported):
     assert int8_model.info.precision == "int8"
     int8 = int8_model(x).numpy()
     assert abs(_same_pair_mean(int8, faces.pairs) - _same_pair_mean(fp32, faces.pairs)) <= 0.02
-    assert _cosines(fp32, int8).mean() >= 0.95  # quantised, not a different network
+    assert compare_embeddings(fp32, int8)["mean_cosine"] >= 0.95  # quantised, not a different network
 
 
 def test_cli_eval_round_trip_matches_pytorch(exported, capsys):
