@@ -5,16 +5,13 @@ LFW directory whose files live elsewhere."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import cv2
 import numpy as np
 import pytest
 
 from marginface.cli import main
-from marginface.data.align import ARCFACE_TEMPLATE_112
 from marginface.data.verification import load_pair_set
-from tests.shared_data import need
+from tests.shared_data import need, unaligned_lfw_mini
 
 FOREIGN = "weights/mobilefacenet_onnx/MobileFaceNet.onnx"
 
@@ -126,21 +123,8 @@ def test_align_none_and_landmarks_on_a_csv(capsys):
 @pytest.fixture()
 def lfw_apart(tmp_path):
     """lfw_mini's crops in 250x250 canvases; pairs.txt and the landmark file in another folder."""
-    mini = need("verification/lfw_mini")
     images, meta = tmp_path / "lfw", tmp_path / "meta"
-    meta.mkdir()
-    lines = []
-    for src in sorted(mini.rglob("*.jpg")):
-        rel = src.relative_to(mini)
-        canvas = np.full((250, 250, 3), 90, np.uint8)
-        canvas[40:208, 50:218] = cv2.resize(cv2.imread(str(src)), (168, 168), interpolation=cv2.INTER_CUBIC)
-        (images / rel.parent).mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(images / rel), canvas, [cv2.IMWRITE_JPEG_QUALITY, 98])
-        pts = np.asarray(ARCFACE_TEMPLATE_112) * 1.5 + np.array([50, 40])
-        lines.append(str(rel) + " " + " ".join(f"{v:.3f}" for v in pts.ravel()))
-    (meta / "lfw_landmark.txt").write_text("\n".join(lines) + "\n")
-    shutil.copy(mini / "pairs.txt", meta / "pairs.txt")
-    return mini, images, meta
+    return unaligned_lfw_mini(images, meta), images, meta
 
 
 def test_lfw_pairs_and_landmarks_options(capsys, lfw_apart):

@@ -20,7 +20,7 @@ from marginface.data.verification import load_lfw_dir, load_pair_set
 from marginface.errors import UserError
 from marginface.train.runconfig import load_config
 from marginface.train.setup import build_train_source, build_val_sets
-from shared_data import need
+from shared_data import need, unaligned_lfw_mini
 
 HEADER = "NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y\n"
 NAMES = ["n000002/0001_01.jpg", "n000002/0002_01.jpg", "n000017/0001_01.jpg", "n000017/0003_01.jpg"]
@@ -149,22 +149,9 @@ def test_old_configs_keep_their_meaning(openvino_layout):
 @pytest.fixture()
 def lfw_apart(tmp_path):
     """lfw_mini's crops pasted into 250x250 canvases; pairs.txt and the landmark file kept in
-    another folder (the images folder holds only identity folders)."""
-    mini = need("verification/lfw_mini")
+    another folder (the images folder holds only identity folders), tab-separated."""
     images, meta = tmp_path / "lfw", tmp_path / "meta"
-    meta.mkdir()
-    lines = []
-    for src in sorted(mini.rglob("*.jpg")):
-        rel = src.relative_to(mini)
-        canvas = np.full((250, 250, 3), 90, np.uint8)
-        canvas[40:208, 50:218] = cv2.resize(cv2.imread(str(src)), (168, 168), interpolation=cv2.INTER_CUBIC)
-        (images / rel.parent).mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(images / rel), canvas, [cv2.IMWRITE_JPEG_QUALITY, 98])
-        pts = np.asarray(ARCFACE_TEMPLATE_112) * 1.5 + np.array([50, 40])
-        lines.append(str(rel) + "\t" + "\t".join(f"{v:.3f}" for v in pts.ravel()))
-    (meta / "lfw_landmark.txt").write_text("\n".join(lines) + "\n")
-    shutil.copy(mini / "pairs.txt", meta / "pairs.txt")
-    return mini, images, meta
+    return unaligned_lfw_mini(images, meta, sep="\t"), images, meta
 
 
 def test_lfw_pairs_and_landmarks_outside_the_image_folder(lfw_apart):

@@ -2,18 +2,16 @@
 `--sample-pairs` run on)."""
 from __future__ import annotations
 
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 
-from marginface.data.align import ARCFACE_TEMPLATE_112
 from marginface.data.sources import FolderSource
 from marginface.data.verification import ALIGN_MODES, load_lfw_dir, load_pair_set, pairs_from_identities, \
     resize_image, sample_pair_indices
 from marginface.errors import UserError
-from shared_data import need
+from shared_data import need, unaligned_lfw_mini
 
 
 def test_sampled_folder_is_the_whole_folder_sample():
@@ -46,18 +44,9 @@ def test_sampled_folder_reads_only_the_images_its_pairs_use(tmp_path):
 
 @pytest.fixture()
 def unaligned_lfw(tmp_path):
-    mini = need("verification/lfw_mini")
-    lines = []
-    for src in sorted(mini.rglob("*.jpg")):
-        rel = src.relative_to(mini)
-        canvas = np.full((250, 250, 3), 90, np.uint8)
-        canvas[40:208, 50:218] = cv2.resize(cv2.imread(str(src)), (168, 168), interpolation=cv2.INTER_CUBIC)
-        (tmp_path / rel.parent).mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(tmp_path / rel), canvas, [cv2.IMWRITE_JPEG_QUALITY, 98])
-        pts = np.asarray(ARCFACE_TEMPLATE_112) * 1.5 + np.array([50, 40])
-        lines.append(str(rel) + " " + " ".join(f"{v:.3f}" for v in pts.ravel()))
-    (tmp_path / "landmarks.txt").write_text("\n".join(lines) + "\n")
-    shutil.copy(mini / "pairs.txt", tmp_path / "pairs.txt")
+    """lfw_mini's crops in 250x250 canvases, with pairs.txt and landmarks.txt in the same folder."""
+    unaligned_lfw_mini(tmp_path, tmp_path)
+    (tmp_path / "lfw_landmark.txt").rename(tmp_path / "landmarks.txt")
     return tmp_path
 
 
